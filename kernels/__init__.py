@@ -1,0 +1,1 @@
+"""brivl_kernels: fused Triton kernels for BriVL training."""

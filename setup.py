@@ -1,0 +1,39 @@
+"""brivl-ds: a DeepSpeed trainer for BriVL (WenLan) two-tower image-text models.
+
+Two import packages ship from this repository:
+  brivl_ds       the model, cross-modal MoCo, the trainer and the data path (folder brivl_ds/)
+  brivl_kernels  fused Triton kernels (folder kernels/; the bare name `kernels` is taken on PyPI)
+
+Install torch first (see README): DeepSpeed's sdist imports torch in its setup.
+"""
+from setuptools import setup
+
+setup(
+    name="brivl-ds",
+    version="0.1.0",
+    description="DeepSpeed ZeRO-3 trainer for BriVL two-tower image-text models with cross-modal MoCo",
+    python_requires=">=3.10",
+    packages=[
+        "brivl_ds",
+        "brivl_ds.models",
+        "brivl_ds.moco",
+        "brivl_ds.data",
+        "brivl_kernels",
+    ],
+    package_dir={"brivl_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "deepspeed>=0.16",
+        "transformers>=4.40",
+        "timm>=1.0",
+        "megatron-core>=0.12",
+        "pyarrow>=15",
+        "tensorboard",
+        "triton",
+        "tqdm",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest", "hypothesis"]},
+)
