@@ -1,0 +1,277 @@
+"""Typed configuration: every default lives here, presets are functions that return a Config.
+
+Any field can be overridden from the command line with `--set section.field=value`
+(for example `--set model.image.backbone=resnet18 --set optim.lr=3e-4`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class ImageTowerConfig:
+    backbone: str = "convnext_atto"
+    """timm model name; the feature map of its last stage (`forward_features`) is pooled per box."""
+    pretrained_path: str | None = None
+    """Local timm checkpoint file for the backbone; None = random init. Nothing is fetched from a hub."""
+    image_size: int = 128
+    """Square network input size in pixels (the official dataset resizes without keeping the aspect ratio)."""
+    max_boxes: int = 36
+    """Detector boxes kept per image; the whole-image box is appended, so sequences are max_boxes + 1 long."""
+    roi_output_size: int = 1
+    """RoIAlign output grid per box (r x r cells, flattened before the box projection)."""
+    width: int = 256
+    """Width of the box self-attention block."""
+    num_layers: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    box_position_embedding: bool = True
+    """Add a learned embedding of each box's normalised coordinates to its token."""
+    trainable_backbone_groups: int = -1
+    """Train only the top N parameter groups of the backbone (timm's coarse group_matcher: stem, stages...);
+    -1 trains all. The official code trains only the top CNN blocks."""
+    frozen_bn_stats: bool = True
+    """Keep BatchNorm running statistics frozen (eval-mode BN even while training). This makes every image's
+    embedding independent of the rest of its batch, so the momentum keys cannot leak the positive through batch
+    statistics (MoCo's reason for shuffle-BN) and no cross-rank shuffle is needed."""
+
+
+@dataclass
+class TextTowerConfig:
+    pretrained_path: str | None = None
+    """Local Hugging Face model directory (AutoModel.from_pretrained); None = random init from the fields below."""
+    tokenizer_path: str | None = None
+    """Local Hugging Face tokenizer directory; None = the vocabulary written with the built-in dataset."""
+    model_type: str = "bert"
+    """transformers model type for random init (Chinese RoBERTa checkpoints use the BERT architecture)."""
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_length: int = 32
+    """Tokens per caption after truncation (the official config uses 80)."""
+    encoder_dropout: float = 0.0
+    sa_layers: int = 4
+    sa_heads: int = 4
+    dropout: float = 0.0
+    trainable_top_layers: int = -1
+    """Train only the top N encoder layers (embeddings and lower layers frozen); -1 trains all. Official: 4."""
+
+
+@dataclass
+class ModelConfig:
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 128
+    """Size D of the joint embedding space."""
+    head_hidden_dim: int | None = None
+    """Hidden size of each tower's 2-layer MLP head; None = embed_dim."""
+
+
+@dataclass
+class MocoConfig:
+    queue_size: int = 1024
+    """K, number of keys in each of the two queues."""
+    momentum: float = 0.99
+    """m in theta_m <- m * theta_m + (1 - m) * theta."""
+    tau_init: float = 0.07
+    tau_min: float = 0.01
+    tau_max: float = 1.0
+    learn_tau: bool = True
+    loss_impl: str = "auto"
+    """Queue-contrastive loss: auto (Triton kernel on CUDA or under TRITON_INTERPRET=1), triton, reference."""
+    momentum_impl: str = "auto"
+    """Momentum (EMA) update: auto, triton, reference."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adamw (torch AdamW, fp32 states) or adamw_half (brivl_kernels.AdamWHalfStates, bf16 states)."""
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    """Decoupled weight decay on every weight except gains, biases and the temperature."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.01
+    """Cosine decay ends at lr * min_lr_ratio."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables (set explicitly: DeepSpeed 0.19.8 silently clips at 1.0)."""
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale_min: float = 1.0
+    """Random crop keeps at least this share of the image area (1.0 = no crop)."""
+    hflip_prob: float = 0.0
+    blur_prob: float = 0.0
+    grayscale_prob: float = 0.0
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation jitter strength (hue is left alone: captions name colours)."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None
+    """Parquet shards (a directory, a manifest.json or a file); None = the built-in generated shapes dataset."""
+    eval_path: str | None = None
+    synthetic_dir: str = "runs/data/shapes"
+    """Where the built-in dataset is generated (once; reused when present)."""
+    synthetic_train: int = 6000
+    synthetic_eval: int = 500
+    batch_size: int = 32
+    """Micro-batch per data-parallel rank; the global batch is batch_size x ranks x grad_accum_steps."""
+    num_workers: int = 1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    grid_boxes: int = 0
+    """Rows without boxes get a g x g grid of boxes (the official later version uses 6); 0 = whole image only."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/tiny"
+    ds_config: str | None = None
+    """DeepSpeed JSON (ZeRO, precision); None = ds_configs/<preset>.json."""
+    epochs: int = 1
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 = run all epochs."""
+    grad_accum_steps: int = 1
+    seed: int = 1234
+    log_every: int = 10
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = only at the end)."""
+    eval_at_end: bool = True
+    resume: str = "auto"
+    """auto (latest checkpoint in output_dir if any), none, or a checkpoint directory."""
+    threads: int = 0
+    """torch intra-op threads per process (0 = leave torch's default)."""
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------------------------------------- presets
+def tiny() -> Config:
+    """Runs on a 2-core CPU in about a second per step: the quick start and the tests."""
+    cfg = Config(preset="tiny")
+    cfg.train.output_dir = "runs/tiny"
+    return cfg
+
+
+def base() -> Config:
+    """The official inference config: tf_efficientnet_b5_ns @380, RoBERTa-base-sized text, D=2048, K=9600."""
+    cfg = Config(preset="base")
+    cfg.model.image = ImageTowerConfig(
+        backbone="tf_efficientnet_b5.ns_jft_in1k", image_size=380, width=1024, num_layers=4, num_heads=4,
+        dropout=0.1, trainable_backbone_groups=2,
+    )
+    cfg.model.text = TextTowerConfig(
+        hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, max_length=80, encoder_dropout=0.1,
+        sa_layers=4, sa_heads=4, dropout=0.1, trainable_top_layers=4,
+    )
+    cfg.model.embed_dim = 2048
+    cfg.moco = MocoConfig(queue_size=9600, momentum=0.99, tau_init=0.07)
+    cfg.optim = OptimConfig(lr=1e-4, weight_decay=0.05, warmup_steps=1000)
+    cfg.data.batch_size = 16
+    cfg.data.augment = AugmentConfig(crop_scale_min=0.6, hflip_prob=0.5, blur_prob=0.2, grayscale_prob=0.1,
+                                     color_jitter=0.4)
+    cfg.train.output_dir = "runs/base"
+    cfg.train.epochs = 15
+    return cfg
+
+
+def paper_1b() -> Config:
+    """The paper's ~1B-parameter model (online + momentum): B7 @600, Chinese RoBERTa-large, D=2560, K=16384,
+    16 per GPU x 128 A100 = 2048, 15 epochs, AdamW, cosine."""
+    cfg = base()
+    cfg.preset = "paper-1b"
+    cfg.model.image = ImageTowerConfig(
+        backbone="tf_efficientnet_b7.ns_jft_in1k", image_size=600, width=1024, num_layers=4, num_heads=4,
+        dropout=0.1, trainable_backbone_groups=2,
+    )
+    cfg.model.text = TextTowerConfig(
+        hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, max_length=80, encoder_dropout=0.1,
+        sa_layers=4, sa_heads=16, dropout=0.1, trainable_top_layers=4,
+    )
+    cfg.model.embed_dim = 2560
+    cfg.moco = MocoConfig(queue_size=16384, momentum=0.99, tau_init=0.05)
+    cfg.train.output_dir = "runs/paper-1b"
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], Config]] = {"tiny": tiny, "base": base, "paper-1b": paper_1b}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------------------- overrides
+def _parse_value(text: str, annotation: Any) -> Any:
+    """Convert a command-line string to the field's declared type (int, float, bool, str, X | None)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return _parse_value(text, args[0])
+    if annotation is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if annotation in (int, float, str):
+        return annotation(text)
+    raise TypeError(f"cannot parse a value of type {annotation} from the command line")
+
+
+def apply_override(cfg: Config, assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; unknown keys are an error, not a silent no-op."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} is not of the form section.field=value")
+    key, text = assignment.split("=", 1)
+    *path, leaf = key.strip().split(".")
+    node: Any = cfg
+    for part in path:
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            raise KeyError(f"unknown config section {part!r} in {key!r}")
+        node = getattr(node, part)
+    hints = typing.get_type_hints(type(node))
+    if leaf not in hints or dataclasses.is_dataclass(getattr(node, leaf, None)):
+        valid = ", ".join(f.name for f in dataclasses.fields(node))
+        raise KeyError(f"unknown config field {key!r}; fields here: {valid}")
+    setattr(node, leaf, _parse_value(text.strip(), hints[leaf]))
+
+
+def build_config(preset: str, overrides: list[str] | None = None) -> Config:
+    cfg = get_preset(preset)
+    for assignment in overrides or []:
+        apply_override(cfg, assignment)
+    return cfg

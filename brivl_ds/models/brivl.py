@@ -1,0 +1,54 @@
+"""BriVL: the two towers. MoCo (momentum copies, queues, loss) lives in brivl_ds.moco, parallelism elsewhere."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from brivl_ds.config import ModelConfig
+from brivl_ds.models.image_tower import ImageTower
+from brivl_ds.models.text_tower import TextTower
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [B, 3, S, S]
+    boxes: torch.Tensor  # [B, N, 4] x1, y1, x2, y2 in input pixels
+    box_mask: torch.Tensor  # [B, N] bool
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+        images = self.images.to(device, dtype=dtype) if dtype is not None else self.images.to(device)
+        return Batch(images, self.boxes.to(device), self.box_mask.to(device), self.input_ids.to(device),
+                     self.attention_mask.to(device))
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class BriVL(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.image = ImageTower(cfg.image, cfg.embed_dim, cfg.head_hidden_dim)
+        self.text = TextTower(cfg.text, cfg.embed_dim, vocab_size, cfg.head_hidden_dim)
+
+    def encode_image(self, batch: Batch) -> torch.Tensor:
+        return self.image(batch.images, batch.boxes, batch.box_mask)
+
+    def encode_text(self, batch: Batch) -> torch.Tensor:
+        return self.text(batch.input_ids, batch.attention_mask)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(batch), self.encode_text(batch)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; ZeRO-3 partitioned parameters report their full size (ds_numel)."""
+    total = trainable = 0
+    for p in module.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable

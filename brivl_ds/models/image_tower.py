@@ -1,0 +1,77 @@
+"""Image tower f^I: CNN feature map -> RoIAlign per detector box -> box self-attention -> MLP -> unit sphere."""
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import group_parameters
+from torch import nn
+from torchvision.ops import roi_align
+
+from brivl_ds.config import ImageTowerConfig
+from brivl_ds.models.layers import ProjectionHead, SelfAttentionBlock, masked_mean
+
+
+def create_backbone(cfg: ImageTowerConfig) -> nn.Module:
+    """A timm model without classifier or pooling; weights only from a local file, never from a hub."""
+    kwargs = dict(num_classes=0, global_pool="")
+    if cfg.pretrained_path:
+        return timm.create_model(cfg.backbone, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=cfg.pretrained_path), **kwargs)
+    return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+
+
+def freeze_lower_groups(backbone: nn.Module, trainable_groups: int) -> None:
+    """Freeze all but the top `trainable_groups` of timm's coarse parameter groups (stem, stages, head)."""
+    if trainable_groups < 0:
+        return
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    ordered = [groups[k] for k in sorted(groups)]
+    trainable = {name for names in ordered[len(ordered) - trainable_groups:] for name in names} \
+        if trainable_groups else set()
+    for name, param in backbone.named_parameters():
+        param.requires_grad_(name in trainable)
+
+
+class ImageTower(nn.Module):
+    def __init__(self, cfg: ImageTowerConfig, embed_dim: int, head_hidden_dim: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = create_backbone(cfg)
+        freeze_lower_groups(self.backbone, cfg.trainable_backbone_groups)
+        channels = self.backbone.num_features
+        r = cfg.roi_output_size
+        self.box_proj = nn.Linear(channels * r * r, cfg.width)
+        self.box_pos = nn.Linear(4, cfg.width) if cfg.box_position_embedding else None
+        self.encoder = SelfAttentionBlock(cfg.width, cfg.num_layers, cfg.num_heads, cfg.mlp_ratio, cfg.dropout)
+        self.head = ProjectionHead(cfg.width, head_hidden_dim or embed_dim, embed_dim)
+
+    def train(self, mode: bool = True) -> "ImageTower":
+        super().train(mode)
+        if self.cfg.frozen_bn_stats:
+            # Eval-mode BN normalises with running statistics and never updates them, so an image's embedding
+            # does not depend on its batch-mates (the positive cannot leak through batch statistics).
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S]; boxes [B, N, 4] as x1, y1, x2, y2 in input pixels; box_mask [B, N] (True = real).
+
+        Returns L2-normalised embeddings [B, D].
+        """
+        fmap = self.backbone.forward_features(images)
+        b, n, _ = boxes.shape
+        batch_index = torch.arange(b, device=boxes.device, dtype=torch.float32).repeat_interleave(n)
+        rois = torch.cat([batch_index[:, None], boxes.reshape(-1, 4).float()], dim=1)
+        # One vectorised RoIAlign over every (padded) box of the batch; padded boxes are masked later.
+        # fp32 because torchvision's CPU kernel has no bf16 path (on CUDA, autocast does the same).
+        r = self.cfg.roi_output_size
+        pooled = roi_align(fmap.float(), rois, output_size=(r, r), spatial_scale=fmap.shape[-1] / images.shape[-1],
+                           sampling_ratio=2, aligned=True).to(fmap.dtype)
+        tokens = self.box_proj(pooled.reshape(b, n, -1))
+        if self.box_pos is not None:
+            tokens = tokens + self.box_pos((boxes / images.shape[-1]).to(tokens.dtype))
+        tokens = self.encoder(tokens, box_mask)
+        return F.normalize(self.head(masked_mean(tokens, box_mask)), dim=-1)
