@@ -24,6 +24,9 @@ class Batch:
         return Batch(images, self.boxes.to(device), self.box_mask.to(device), self.input_ids.to(device),
                      self.attention_mask.to(device))
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.images, self.boxes, self.box_mask, self.input_ids, self.attention_mask
+
     def __len__(self) -> int:
         return self.images.shape[0]
 

@@ -1,0 +1,62 @@
+"""Process-group set-up and small helpers; works with the deepspeed launcher, torchrun, or a single process."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(threads: int = 0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU). A bare `python train.py`
+    becomes a world of one."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = "29512"
+    accel = get_accelerator()
+    backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if accel.device_name() == "cpu":
+        device = torch.device("cpu")
+        # Ranks on one host share its cores; oversubscription makes every rank slower.
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    else:
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(), local_rank)
+        if threads:
+            torch.set_num_threads(threads)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)  # SUM (gloo has no AVG), then divide
+        values /= dist.get_world_size()
+    return values
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,101 @@
+"""Held-out retrieval Recall@1/5/10, as a command.
+
+  python -m brivl_ds.eval --checkpoint runs/tiny/checkpoints [--tag step300] [--data shards] [--out eval.json]
+  python -m brivl_ds.eval --embeddings np_img.npy np_text.npy        # precomputed (e.g. official) embeddings
+
+Scores are dot products of the embeddings (row i of each is pair i); Recall@K is the share of queries whose true
+pair ranks in the top K, image-to-text and text-to-image (the official evaluation's convention).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brivl_ds.metrics import recall_at_k
+
+
+def load_online_model(checkpoint_dir: Path, tag: str | None):
+    """Rebuild the trained online towers from a DeepSpeed ZeRO-3 checkpoint in this single process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from brivl_ds.checkpoint import latest_tag
+    from brivl_ds.config import Config, ModelConfig, build_config
+    from brivl_ds.data.tokenizer import load_tokenizer
+    from brivl_ds.models.brivl import BriVL
+    from brivl_ds.moco.model import BriVLMoCo
+
+    tag = tag or latest_tag(checkpoint_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no 'latest' file in {checkpoint_dir}; pass --tag")
+    states = sorted((checkpoint_dir / tag).glob("*model_states.pt"))
+    if not states:
+        raise FileNotFoundError(f"no DeepSpeed model states in {checkpoint_dir / tag}")
+    saved = torch.load(states[0], map_location="cpu", weights_only=False)["config"]
+    cfg: Config = build_config(saved["preset"])
+    _fill(cfg, saved)
+    tokenizer = load_tokenizer(cfg.model.text.tokenizer_path or cfg.model.text.pretrained_path)
+    model = BriVLMoCo(BriVL(cfg.model, vocab_size=len(tokenizer)), cfg.moco)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("momentum.")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.online.eval(), tokenizer, cfg
+
+
+def _fill(node, values: dict) -> None:
+    """Copy a saved config dict onto a dataclass tree."""
+    import dataclasses
+
+    for f in dataclasses.fields(node):
+        if f.name not in values:
+            continue
+        if dataclasses.is_dataclass(getattr(node, f.name)):
+            _fill(getattr(node, f.name), values[f.name])
+        else:
+            setattr(node, f.name, values[f.name])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="the checkpoints/ directory of a run")
+    source.add_argument("--embeddings", type=Path, nargs=2, metavar=("IMAGE_NPY", "TEXT_NPY"))
+    parser.add_argument("--tag", help="checkpoint tag (default: latest)")
+    parser.add_argument("--data", help="shards to evaluate on (default: the run's eval_path)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", type=Path, help="write the metrics as JSON here")
+    args = parser.parse_args(argv)
+
+    if args.embeddings:
+        image = torch.from_numpy(np.load(args.embeddings[0]))
+        text = torch.from_numpy(np.load(args.embeddings[1]))
+        result = recall_at_k(image, text)
+    else:
+        from brivl_ds.data.dataset import Collator, PairDataset
+        from brivl_ds.distributed import init_distributed
+        from brivl_ds.evaluation import evaluate_retrieval
+
+        info = init_distributed()
+        model, tokenizer, cfg = load_online_model(args.checkpoint, args.tag)
+        data = args.data or cfg.data.eval_path
+        if not data:
+            raise ValueError("the run has no eval_path; pass --data")
+        dataset = PairDataset(data, cfg.model.image.image_size, cfg.model.image.max_boxes, cfg.data.augment,
+                              train=False, grid=cfg.data.grid_boxes)
+        result = evaluate_retrieval(model, dataset, Collator(tokenizer, cfg.model.text.max_length),
+                                    args.batch_size, info, torch.float32)
+    text_out = json.dumps(result, indent=1)
+    print(text_out)
+    if args.out:
+        args.out.write_text(text_out)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,44 @@
+"""Held-out retrieval: encode every pair with the online towers (sharded over ranks), then Recall@K."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from brivl_ds.data.dataset import PairDataset
+from brivl_ds.distributed import DistInfo
+from brivl_ds.metrics import recall_at_k
+from brivl_ds.models.brivl import BriVL
+from brivl_ds.moco.queue import all_gather_keys
+
+
+@torch.no_grad()
+def encode(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: DistInfo, dtype: torch.dtype
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and text embeddings of every row, in row order, on every rank.
+
+    Each rank encodes a contiguous slice; slices are padded to the same number of batches because ZeRO-3 gathers
+    parameters collectively (a rank that stopped early would hang the others).
+    """
+    was_training = model.training
+    model.eval()
+    rows = torch.tensor_split(torch.arange(len(dataset)), info.world)[info.rank].tolist()
+    per_rank = -(-len(dataset) // info.world)
+    padded = rows + [rows[-1] if rows else 0] * (per_rank - len(rows))
+    loader = DataLoader([(i, 0) for i in padded], batch_size=batch_size, shuffle=False,
+                        collate_fn=lambda items: collate([dataset[it] for it in items]))
+    image, text = [], []
+    for batch, _ in loader:
+        batch = batch.to(info.device, dtype=dtype)
+        i, t = model(batch)
+        image.append(i.float())
+        text.append(t.float())
+    model.train(was_training)
+    image_local = torch.cat(image)[: len(rows)]
+    text_local = torch.cat(text)[: len(rows)]
+    return all_gather_keys(image_local), all_gather_keys(text_local)
+
+
+def evaluate_retrieval(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: DistInfo,
+                       dtype: torch.dtype) -> dict[str, float]:
+    image, text = encode(model, dataset, collate, batch_size, info, dtype)
+    return recall_at_k(image.cpu(), text.cpu())

@@ -1,0 +1,57 @@
+"""BriVLMoCo: the online towers, their momentum copies and the learnable temperature, as one module.
+
+DeepSpeed wraps this whole module, so ZeRO-3 partitions the momentum encoders exactly like the online ones
+(nothing is replicated on every rank); the momentum parameters simply have requires_grad=False and are left
+out of the optimizer. The EMA itself is applied by brivl_ds.moco.momentum on each rank's own shards.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from brivl_ds.config import MocoConfig
+from brivl_ds.models.brivl import Batch, BriVL
+from brivl_ds.moco.loss import MocoOutputs
+
+
+class BriVLMoCo(nn.Module):
+    def __init__(self, online: BriVL, cfg: MocoConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.online = online
+        self.momentum = copy.deepcopy(online)
+        for p in self.momentum.parameters():
+            p.requires_grad_(False)
+        # log(tau) keeps tau positive; shape [1] because DeepSpeed cannot broadcast 0-d parameters.
+        self.log_tau = nn.Parameter(torch.tensor([math.log(cfg.tau_init)]), requires_grad=cfg.learn_tau)
+
+    def tau(self) -> torch.Tensor:
+        # Clamped to a sane range: a runaway temperature makes the softmax one-hot (or flat) and stalls training.
+        return self.log_tau.float().exp().clamp(self.cfg.tau_min, self.cfg.tau_max).reshape(())
+
+    def parameter_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(online, momentum) parameter pairs in a fixed order; both towers have identical structure."""
+        online = dict(self.online.named_parameters())
+        return [(online[name], p) for name, p in self.momentum.named_parameters()]
+
+    def train(self, mode: bool = True) -> "BriVLMoCo":
+        super().train(mode)
+        self.momentum.train(mode)  # same dropout/BN behaviour as the online towers (BN statistics stay frozen)
+        return self
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Plain tensors in and out (ZeRO-3's hooks only see tensors); see `outputs` for the named form."""
+        batch = Batch(images, boxes, box_mask, input_ids, attention_mask)
+        image_query, text_query = self.online(batch)
+        with torch.no_grad():
+            image_key, text_key = self.momentum(batch)
+        return image_query, text_query, image_key.detach(), text_key.detach(), self.tau()
+
+
+def run_moco(model, batch: Batch) -> MocoOutputs:
+    """Call a BriVLMoCo (or the DeepSpeed engine wrapping it) on a batch."""
+    return MocoOutputs(*model(*batch.tensors()))

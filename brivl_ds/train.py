@@ -1,0 +1,41 @@
+"""Entry point: `deepspeed [--hostfile hostfiles/a100] brivl_ds/train.py --preset tiny [--set key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+if __package__ in (None, ""):
+    # Run as a script (how the deepspeed launcher starts it): put the repository root, not brivl_ds/, on the path.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from brivl_ds.config import PRESETS, build_config  # noqa: E402
+
+# DeepSpeed 0.19.8 calls collectives torch 2.13 calls deprecated; one warning per call floods the console.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train BriVL with cross-modal MoCo on DeepSpeed ZeRO-3.")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cfg = build_config(args.preset, args.overrides)
+    if args.print_config:
+        print(cfg.to_json())
+        return {}
+    from brivl_ds.trainer import Trainer
+
+    return Trainer(cfg).fit()
+
+
+if __name__ == "__main__":
+    main()

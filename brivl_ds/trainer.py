@@ -1,0 +1,233 @@
+"""The trainer: builds model, data, DeepSpeed engine, queues and momentum updater from a Config, then trains.
+
+One optimizer step (`train_step`), read top to bottom:
+  forward online + momentum towers -> MoCo loss against the queues -> backward -> ZeRO-3 step (clip, AdamW, LR)
+  -> EMA of the momentum shards -> all-gathered enqueue of this step's keys.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from brivl_ds.checkpoint import gather_objects, latest_tag, rng_state, set_rng_state
+from brivl_ds.config import Config
+from brivl_ds.data.dataset import Collator, DistributedBatchSampler, PairDataset
+from brivl_ds.data.synthetic import ensure_shapes_dataset
+from brivl_ds.data.tokenizer import load_tokenizer
+from brivl_ds.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from brivl_ds.ds_config import load_ds_config
+from brivl_ds.evaluation import evaluate_retrieval
+from brivl_ds.models.brivl import Batch, BriVL
+from brivl_ds.moco.loss import moco_loss
+from brivl_ds.moco.model import BriVLMoCo, run_moco
+from brivl_ds.moco.momentum import MomentumUpdater
+from brivl_ds.moco.queue import KeyQueue
+from brivl_ds.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("brivl_ds")
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    samples: int = 0  # global samples seen
+    skipped_rows: int = 0  # undecodable rows replaced (this rank)
+
+
+def resolve_data(cfg: Config, info: DistInfo) -> None:
+    """Fill in the built-in dataset when no shards are given (generated once, by rank 0)."""
+    if cfg.data.train_path is not None:
+        if cfg.model.text.tokenizer_path is None and cfg.model.text.pretrained_path is None:
+            raise ValueError("set model.text.tokenizer_path (a local Hugging Face tokenizer directory) "
+                             "when training on your own shards")
+        return
+    if info.is_main:
+        ensure_shapes_dataset(cfg.data.synthetic_dir, cfg.data.synthetic_train, cfg.data.synthetic_eval,
+                              cfg.model.image.image_size, seed=0)
+    barrier()
+    paths = ensure_shapes_dataset(cfg.data.synthetic_dir, cfg.data.synthetic_train, cfg.data.synthetic_eval,
+                                  cfg.model.image.image_size, seed=0)
+    cfg.data.train_path, cfg.data.eval_path = str(paths["train"]), str(paths["eval"])
+    cfg.model.text.tokenizer_path = cfg.model.text.tokenizer_path or str(paths["tokenizer"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.info = init_distributed(cfg.train.threads)
+        deepspeed.runtime.utils.set_random_seed(cfg.train.seed)
+        resolve_data(cfg, self.info)
+        self.out_dir = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+
+        self.tokenizer = load_tokenizer(cfg.model.text.tokenizer_path or cfg.model.text.pretrained_path)
+        self.train_set = PairDataset(cfg.data.train_path, cfg.model.image.image_size, cfg.model.image.max_boxes,
+                                     cfg.data.augment, train=True, grid=cfg.data.grid_boxes)
+        self.sampler = DistributedBatchSampler(len(self.train_set), cfg.data.batch_size, self.info.rank,
+                                               self.info.world, seed=cfg.train.seed)
+        self.collate = Collator(self.tokenizer, cfg.model.text.max_length)
+        steps_per_epoch = self.sampler.batches_per_epoch // cfg.train.grad_accum_steps
+        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
+
+        model = BriVLMoCo(BriVL(cfg.model, vocab_size=len(self.tokenizer)), cfg.moco)
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
+        ds_config = load_ds_config(cfg)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 lr_scheduler=scheduler, config=ds_config)
+        self.model: BriVLMoCo = self.engine.module
+        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
+            torch.float16 if self.engine.fp16_enabled() else torch.float32)
+        self.momentum = MomentumUpdater(self.model.parameter_pairs(), cfg.moco.momentum_impl)
+        self.momentum.copy_online_to_momentum()
+        dim = cfg.model.embed_dim
+        self.image_queue = KeyQueue(cfg.moco.queue_size, dim, device=self.info.device)
+        self.text_queue = KeyQueue(cfg.moco.queue_size, dim, device=self.info.device)
+        self.pos = Position()
+        self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if self.info.is_main else None
+        self.metrics_file = self.out_dir / "metrics.jsonl"
+        self._maybe_resume()
+
+    # ------------------------------------------------------------------------------------------------- one step
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        batch = batch.to(self.info.device, dtype=self.dtype)
+        out = run_moco(self.engine, batch)
+        loss, parts = moco_loss(out, self.image_queue, self.text_queue, self.cfg.moco.loss_impl)
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary:
+            self.momentum.update(self.cfg.moco.momentum)
+        self.image_queue.enqueue(out.image_key)
+        self.text_queue.enqueue(out.text_key)
+        stats = all_reduce_mean(torch.stack([loss.detach().float(), parts["loss_i2t"].float(),
+                                             parts["loss_t2i"].float()]))
+        return {"loss": stats[0].item(), "loss_i2t": stats[1].item(), "loss_t2i": stats[2].item(),
+                "tau": out.tau.item(), "boundary": boundary}
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, float]:
+        cfg, ga = self.cfg, self.cfg.train.grad_accum_steps
+        bar = tqdm(total=self.total_steps, initial=self.pos.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.info.is_main and cfg.train.progress_bar))
+        self.engine.train()
+        t_last, samples_last = time.perf_counter(), self.pos.samples
+        while self.pos.step < self.total_steps:
+            self.sampler.set_position(self.pos.epoch, self.pos.batch_in_epoch)
+            loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=self.collate,
+                                num_workers=cfg.data.num_workers, persistent_workers=False)
+            for batch, meta in loader:
+                stats = self.train_step(batch)
+                self.pos.batch_in_epoch += 1
+                self.pos.samples += len(batch) * self.info.world
+                self.pos.skipped_rows += meta["skipped"]
+                if not stats["boundary"]:
+                    continue
+                self.pos.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", tau=f"{stats['tau']:.3f}")
+                now = time.perf_counter()
+                stats.update(lr=self.scheduler.get_last_lr()[0], grad_norm=self._grad_norm(),
+                             step_time=now - t_last, samples_per_s=(self.pos.samples - samples_last) / (now - t_last),
+                             queue_fill=self.text_queue.filled / max(1, self.text_queue.size),
+                             skipped_rows=self.pos.skipped_rows)
+                t_last, samples_last = now, self.pos.samples
+                self._log(stats)
+                if cfg.train.save_every and self.pos.step % cfg.train.save_every == 0:
+                    self.save()
+                if cfg.train.eval_every and self.pos.step % cfg.train.eval_every == 0:
+                    self.evaluate()
+                    self.engine.train()
+                if self.pos.step >= self.total_steps:
+                    break
+            else:  # epoch exhausted
+                self.pos.epoch += 1
+                self.pos.batch_in_epoch = 0
+        bar.close()
+        self.save()
+        result = self.evaluate() if cfg.train.eval_at_end and cfg.data.eval_path else {}
+        if self.writer:
+            self.writer.close()
+        return result
+
+    # ----------------------------------------------------------------------------------------------- utilities
+    def _grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _log(self, stats: dict) -> None:
+        if not self.info.is_main:
+            return
+        record = {"step": self.pos.step, "epoch": self.pos.epoch, **{k: v for k, v in stats.items()
+                                                                     if k != "boundary"}}
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.pos.step % self.cfg.train.log_every == 0 or self.pos.step == 1:
+            for key in ("loss", "loss_i2t", "loss_t2i", "tau", "lr", "grad_norm", "samples_per_s", "step_time",
+                        "queue_fill", "skipped_rows"):
+                self.writer.add_scalar(f"train/{key}", record[key], self.pos.step)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        eval_set = PairDataset(self.cfg.data.eval_path, self.cfg.model.image.image_size,
+                               self.cfg.model.image.max_boxes, self.cfg.data.augment, train=False,
+                               grid=self.cfg.data.grid_boxes)
+        result = evaluate_retrieval(self.model.online, eval_set, self.collate, self.cfg.data.batch_size,
+                                    self.info, self.dtype)
+        if self.info.is_main:
+            for key, value in result.items():
+                self.writer.add_scalar(f"eval/{key}", value, self.pos.step)
+            (self.out_dir / "eval.json").write_text(json.dumps({"step": self.pos.step, **result}, indent=1))
+            print(format_recall(result, self.pos.step), flush=True)
+        return result
+
+    def save(self) -> None:
+        state = {
+            "position": vars(self.pos).copy(),
+            "image_queue": self.image_queue.shard_state(self.info.rank, self.info.world),
+            "text_queue": self.text_queue.shard_state(self.info.rank, self.info.world),
+            "momentum_fp32": self.momentum.state_dict(),
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.pos.step}", client_state=state)
+
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            return
+        ckpt_dir, tag = (self.ckpt_dir, latest_tag(self.ckpt_dir)) if resume == "auto" else (
+            Path(resume).parent, Path(resume).name)
+        if tag is None:
+            return
+        path, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"could not load checkpoint {ckpt_dir}/{tag}")
+        self.pos = Position(**state["position"])
+        self.momentum.load_state_dict(state["momentum_fp32"])
+        shards = gather_objects((state["image_queue"], state["text_queue"]))
+        self.image_queue.load_shards([s[0] for s in shards])
+        self.text_queue.load_shards([s[1] for s in shards])
+        set_rng_state(state["rng"])
+        if self.info.is_main:
+            print(f"resumed from {ckpt_dir}/{tag} at step {self.pos.step}", flush=True)
+
+
+def format_recall(result: dict[str, float], step: int) -> str:
+    ks = sorted(int(k[5:]) for k in result if k.startswith("i2t_r"))
+    i2t = "/".join(f"{result[f'i2t_r{k}']:.1f}" for k in ks)
+    t2i = "/".join(f"{result[f't2i_r{k}']:.1f}" for k in ks)
+    return (f"eval @ step {step} on {int(result['n'])} held-out pairs: R@{'/'.join(map(str, ks))} "
+            f"image->text {i2t}, text->image {t2i} (chance R@1 {result['chance_r1']:.2f})")
