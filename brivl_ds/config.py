@@ -151,6 +151,9 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps (0 = only at the end)."""
     eval_at_end: bool = True
+    stop_at_step: int = -1
+    """Checkpoint and exit after this step without changing the LR schedule (time-limited jobs, preemption
+    drills); -1 = run to the end."""
     resume: str = "auto"
     """auto (latest checkpoint in output_dir if any), none, or a checkpoint directory."""
     threads: int = 0

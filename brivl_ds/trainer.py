@@ -124,7 +124,7 @@ class Trainer:
                    disable=not (self.info.is_main and cfg.train.progress_bar))
         self.engine.train()
         t_last, samples_last = time.perf_counter(), self.pos.samples
-        while self.pos.step < self.total_steps:
+        while self.pos.step < self.total_steps and self.pos.step != cfg.train.stop_at_step:
             self.sampler.set_position(self.pos.epoch, self.pos.batch_in_epoch)
             loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=self.collate,
                                 num_workers=cfg.data.num_workers, persistent_workers=False)
@@ -150,14 +150,15 @@ class Trainer:
                 if cfg.train.eval_every and self.pos.step % cfg.train.eval_every == 0:
                     self.evaluate()
                     self.engine.train()
-                if self.pos.step >= self.total_steps:
+                if self.pos.step >= self.total_steps or self.pos.step == cfg.train.stop_at_step:
                     break
             else:  # epoch exhausted
                 self.pos.epoch += 1
                 self.pos.batch_in_epoch = 0
         bar.close()
         self.save()
-        result = self.evaluate() if cfg.train.eval_at_end and cfg.data.eval_path else {}
+        finished = self.pos.step >= self.total_steps
+        result = self.evaluate() if finished and cfg.train.eval_at_end and cfg.data.eval_path else {}
         if self.writer:
             self.writer.close()
         return result

@@ -1,0 +1,54 @@
+"""Shared test set-up: CPU DeepSpeed, a cached JIT-extension directory, a small generated dataset, and a helper
+that runs a function on N gloo ranks in fresh processes."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "brivl_ds" / "torch_extensions"))
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO.parent / "shared" / "fixtures" / "brivl-official"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    try:
+        fn(rank, world, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args) -> None:
+    """Run fn(rank, world, *args) on `world` fresh processes (spawned); raises if any rank fails."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+@pytest.fixture(scope="session")
+def official_fixture() -> Path:
+    if not FIXTURES.exists():
+        pytest.skip(f"official fixture not found at {FIXTURES}")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> dict[str, Path]:
+    from brivl_ds.data.synthetic import ensure_shapes_dataset
+
+    return ensure_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=256, n_eval=48, image_size=64)
