@@ -11,10 +11,12 @@ it falls back to the reference. impl="triton" / "reference" force a path.
 from .contrastive import queue_contrastive_loss
 from .contrastive_reference import queue_contrastive_loss_reference
 from .momentum import momentum_update_, momentum_update_reference_
+from .adamw_half import AdamWHalfStates
 
 __all__ = [
     "queue_contrastive_loss",
     "queue_contrastive_loss_reference",
     "momentum_update_",
     "momentum_update_reference_",
+    "AdamWHalfStates",
 ]

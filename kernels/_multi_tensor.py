@@ -38,12 +38,16 @@ def check_flat(name: str, tensors: list, dtypes, numels=None, device=None):
             raise ValueError(f"{name}[{i}] has {t.numel()} elements, expected {numels[i]}")
 
 
-def chunk_table(roles: list[list[torch.Tensor]], chunk: int) -> tuple[torch.Tensor, bool]:
-    """(int64 table [n_chunks, ROW] on the tensors' device, all-16-byte-aligned flag). Roles share lengths."""
+def chunk_table(roles: list[list[torch.Tensor]], chunk: int, streams=None) -> tuple[torch.Tensor, bool]:
+    """(int64 table [n_chunks, ROW] on the tensors' device, all-16-byte-aligned flag). Roles share lengths.
+
+    The rng field holds streams[i] for chunks of tensor i when `streams` is given, else the running element index.
+    """
     if len(roles) > MAX_ROLES:
         raise ValueError("too many roles")
     device = roles[0][0].device
-    key = (chunk, device, tuple((t.data_ptr(), t.numel(), t.element_size()) for r in roles for t in r))
+    key = (chunk, device, tuple((t.data_ptr(), t.numel(), t.element_size()) for r in roles for t in r),
+           None if streams is None else tuple(streams))
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
@@ -62,7 +66,7 @@ def chunk_table(roles: list[list[torch.Tensor]], chunk: int) -> tuple[torch.Tens
             offs.append(delta // size)
         offs += [0] * (MAX_ROLES - len(offs))
         for start in range(0, n, chunk):
-            rows.append(offs + [start, n, rng + start, 0])
+            rows.append(offs + [start, n, rng + start if streams is None else streams[i], 0])
         rng += n
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, ROW).to(device)
     _CACHE[key] = (table, aligned)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _dispatch
+from ._rounding import _bf16_rne
 from .contrastive_reference import check_inputs, queue_contrastive_loss_reference
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -35,15 +36,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 # A finite stand-in for -inf: running maxima start here and masked logits are set here, so exp2(m_old - m_new) is
 # never exp2(-inf + inf) = nan when a whole tile is masked. Masked probabilities are zeroed explicitly.
 NEG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _bf16_rne(x):
-    """fp32 -> bf16 with round-to-nearest-even on the bits (the interpreter's own conversion truncates)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    r = tl.where(x != x, 0x7FC0, r)  # keep NaN a NaN
-    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -238,21 +230,23 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def default_fwd_config(B: int, D: int) -> FwdConfig:
-    # Small B (the paper's 16 per GPU) is memory-bound: thin row tiles, long queue tiles, 4 warps. Large B is
-    # compute-bound: 64/128-row tiles so Hopper's warpgroup MMA (wgmma) applies. All picks compile for sm_90a
-    # without spills (aot_check.py); their speed is unmeasured.
-    block_b = min(max(_pow2(B), 16), 128)
-    num_warps = 4 if block_b <= 32 else 8
-    return FwdConfig(block_b=block_b, block_k=128, block_d=64, num_warps=num_warps, num_stages=3)
+def default_fwd_config(B: int, D: int, fp32_operands: bool = False) -> FwdConfig:
+    # Small B (the paper's 16 per GPU) is memory-bound: thin row tiles, long queue tiles. Large B is compute-bound:
+    # 64/128-row tiles so Hopper's warpgroup MMA (wgmma) applies. fp32 operands (3xTF32) need half the tile.
+    # All picks compile for sm_90a without register spills (aot_check.py); their speed is unmeasured.
+    block_b = min(max(_pow2(B), 16), 64 if fp32_operands else 128)
+    if fp32_operands:
+        return FwdConfig(block_b=block_b, block_k=64, block_d=64, num_warps=8, num_stages=3)
+    return FwdConfig(block_b=block_b, block_k=128, block_d=64, num_warps=4 if block_b <= 32 else 8, num_stages=3)
 
 
-def default_bwd_config(B: int, D: int) -> BwdConfig:
+def default_bwd_config(B: int, D: int, fp32_operands: bool = False) -> BwdConfig:
     # The dq accumulator [BLOCK_B, BLOCK_DC] lives in registers: 16K fp32 over 8 warps = 64 per thread. Thin row
     # tiles allow wide D chunks, which keeps the recompute factor ceil(D / BLOCK_DC) small (3 at D = 2560).
-    block_dc = min(_pow2(D), 1024)
-    block_b = min(max(_pow2(B), 16), max(16, 16384 // block_dc), 64)
-    return BwdConfig(block_b=block_b, block_k=32, block_d=64, block_dc=block_dc)
+    budget = 8192 if fp32_operands else 16384  # accumulator elements per program
+    block_dc = min(_pow2(D), budget // 16)
+    block_b = min(max(_pow2(B), 16), max(16, budget // block_dc), 64)
+    return BwdConfig(block_b=block_b, block_k=16 if fp32_operands else 32, block_d=64, block_dc=block_dc)
 
 
 def _splits(n_tiles: int, n_pid0: int, device: torch.device) -> tuple[int, int]:
@@ -283,8 +277,8 @@ def _prepare(q, k, queue, tau, queue_mask):
 def _forward(q, k, queue, tau32, mask, cfg: FwdConfig | None, interpreted: bool):
     B, D = q.shape
     K = queue.shape[0]
-    cfg = cfg or default_fwd_config(B, D)
     upcast = interpreted or not (q.dtype == k.dtype == queue.dtype != torch.float32)
+    cfg = cfg or default_fwd_config(B, D, fp32_operands=upcast)
     n_b = triton.cdiv(B, cfg.block_b)
     S, per = _splits(triton.cdiv(K, cfg.block_k), n_b, q.device)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -305,8 +299,8 @@ def _forward(q, k, queue, tau32, mask, cfg: FwdConfig | None, interpreted: bool)
 def _backward_dq(g, q, k, queue, tau32, mask, lse2, pos2, cfg: BwdConfig | None, interpreted: bool):
     B, D = q.shape
     K = queue.shape[0]
-    cfg = cfg or default_bwd_config(B, D)
     upcast = interpreted or not (q.dtype == k.dtype == queue.dtype != torch.float32)
+    cfg = cfg or default_bwd_config(B, D, fp32_operands=upcast)
     dq_acc = torch.zeros(B, D, device=q.device, dtype=torch.float32)
     if K > 0:
         n_c = triton.cdiv(D, cfg.block_dc)

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from . import _dispatch
 from ._multi_tensor import ROW, as_list, bump_version, check_flat, chunk_table
-from .contrastive import _bf16_rne
+from ._rounding import _bf16_rne
 
 CHUNK = 65536  # elements per program: ~1.5k programs for 1e8 elements
 BLOCK = 2048   # elements per loop step: 4 warps x 32 threads x 16 (four 16-byte vectors each)

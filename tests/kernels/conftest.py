@@ -30,3 +30,12 @@ def triton_device():
     if _dispatch.is_interpreted(contrastive._fwd_kernel):
         return torch.device("cpu")
     pytest.skip("Triton path needs CUDA or the interpreter: run `TRITON_INTERPRET=1 pytest tests/kernels`")
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """Kernel tests use small tensors: one intra-op thread avoids spin contention on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
