@@ -1,0 +1,90 @@
+"""AdamWHalfStates as a DeepSpeed ZeRO-3 client optimizer (one process, gloo, CPU), checkpoint resume, and the
+memory per parameter of the precision recipes. The first DeepSpeed run in a fresh cache JIT-builds a comm op (~40 s;
+cached under TORCH_EXTENSIONS_DIR)."""
+import os
+
+import pytest
+import torch
+
+from brivl_kernels import AdamWHalfStates, zero_memory
+
+deepspeed = pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
+
+CONFIG = {
+    "train_micro_batch_size_per_gpu": 8,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 1.0,  # DeepSpeed's default is also 1.0; set explicitly so nobody is surprised
+    "zero_optimization": {"stage": 3},
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 10**9,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/brivl_ds/torch_extensions"))
+    zero_memory.init_single_process()  # RANK=0 WORLD_SIZE=1, a free MASTER_PORT, DS_ACCELERATOR=cpu, gloo
+    yield  # left initialised: other tests in this process may use it too
+
+
+def make_engine(impl, init_seed):
+    torch.manual_seed(init_seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    opt = AdamWHalfStates([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=1e-2, impl=impl)
+    engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=CONFIG)
+    return engine, zero_opt
+
+
+def data(n):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 4, generator=g)
+    xs = [torch.randn(8, 16, generator=g) for _ in range(n)]
+    return [(x, torch.tanh(x @ w)) for x in xs]
+
+
+def run(engine, batches):
+    losses = []
+    for x, y in batches:
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_zero3_client_optimizer_trains_saves_and_resumes(tmp_path, impl, request):
+    if impl == "triton":
+        request.getfixturevalue("triton_device")  # CUDA or the interpreter, else skip
+    batches = data(30)
+    engine, zero_opt = make_engine(impl, init_seed=0)
+    first = run(engine, batches[:20])
+    assert sum(first[-5:]) < 0.5 * sum(first[:5])  # it trains
+    inner = zero_opt.optimizer
+    assert isinstance(inner, AdamWHalfStates)
+    states = [st for st in inner.state.values() if st]
+    assert states and all(st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg"].dim() == 1 for st in states)
+    engine.save_checkpoint(str(tmp_path), tag="step20")
+    expected = run(engine, batches[20:])
+
+    fresh, fresh_opt = make_engine(impl, init_seed=123)  # different weights until the checkpoint is loaded
+    fresh.load_checkpoint(str(tmp_path), tag="step20")
+    loaded = [st for st in fresh_opt.optimizer.state.values() if st]
+    assert all(st["exp_avg_sq"].dtype == torch.bfloat16 and st["step"] == 20 for st in loaded)
+    assert run(fresh, batches[20:]) == expected  # bit-identical continuation
+
+
+def test_memory_per_parameter_of_the_recipes():
+    rows = {name: zero_memory.measure(name, width=128, layers=2) for name in zero_memory.RECIPES}
+    fp32_torch, fp32_half, bf16_torch, bf16_half, ds_bf16 = rows.values()
+    assert fp32_torch["optimizer states"] == pytest.approx(8.0, abs=0.05)
+    assert fp32_half["optimizer states"] == pytest.approx(4.0, abs=0.05)
+    assert bf16_half["optimizer states"] == pytest.approx(4.0, abs=0.05)
+    assert ds_bf16["optimizer states"] == pytest.approx(4.0, abs=0.05) and ds_bf16["state dtypes"] == "bfloat16"
+    assert ds_bf16["master weights"] == pytest.approx(2.0, abs=0.05)
+    assert fp32_half["total"] < fp32_torch["total"] and bf16_half["total"] < bf16_torch["total"]
+    assert ds_bf16["total"] < bf16_half["total"]
