@@ -1,7 +1,9 @@
 """AdamWHalfStates as a DeepSpeed ZeRO-3 client optimizer (one process, gloo, CPU), checkpoint resume, and the
 memory per parameter of the precision recipes. The first DeepSpeed run in a fresh cache JIT-builds a comm op (~40 s;
 cached under TORCH_EXTENSIONS_DIR)."""
+import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -88,3 +90,29 @@ def test_memory_per_parameter_of_the_recipes():
     assert ds_bf16["master weights"] == pytest.approx(2.0, abs=0.05)
     assert fp32_half["total"] < fp32_torch["total"] and bf16_half["total"] < bf16_torch["total"]
     assert ds_bf16["total"] < bf16_half["total"]
+
+
+def _example_config():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    for where in ("kernels", "ds_configs"):
+        path = root / where / "ds_bf16_optimizer_states_example.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    pytest.skip("ds_bf16_optimizer_states_example.json is in neither kernels/ nor ds_configs/")
+
+
+def test_bf16_optimizer_states_example_config_keeps_bf16_master_and_states():
+    """The example ds_config builds a ZeRO-3 engine whose master weights and Adam moments are bf16 (a client
+    torch AdamW here: its state follows the bf16 master partitions, as DeepSpeed's own AdamW does on GPU)."""
+    cfg = {**_example_config(), "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+           "zero_allow_untested_optimizer": True}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                                  config=cfg)
+    for _ in range(2):
+        engine.backward(engine(torch.randn(4, 16, dtype=torch.bfloat16)).float().pow(2).mean())
+        engine.step()
+    assert all(t.dtype == torch.bfloat16 for t in zero_opt.fp32_partitioned_groups_flat)
+    states = [v for st in zero_opt.optimizer.state.values() for k, v in st.items() if k.startswith("exp_avg")]
+    assert states and all(v.dtype == torch.bfloat16 for v in states)
