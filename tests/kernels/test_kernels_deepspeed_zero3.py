@@ -1,6 +1,8 @@
 """AdamWHalfStates as a DeepSpeed ZeRO-3 client optimizer (one process, gloo, CPU), checkpoint resume, and the
 memory per parameter of the precision recipes. The first DeepSpeed run in a fresh cache JIT-builds a comm op (~40 s;
 cached under TORCH_EXTENSIONS_DIR)."""
+from kernel_testing import one_cpu_thread, triton_device  # noqa: F401  (fixtures; imported first)
+
 import json
 import os
 import pathlib

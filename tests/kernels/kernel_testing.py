@@ -1,5 +1,8 @@
-"""Kernel tests: make `brivl_kernels` importable before `pip install -e .`, and pick the device the Triton path runs
-on: CUDA when present, else CPU through the Triton interpreter, which must be switched on before Python starts
+"""Shared set-up of the kernel tests (a helper module, not a conftest.py: tests/conftest.py is imported by name
+elsewhere, and a second conftest module would shadow it). Each test module imports it first.
+
+It makes `brivl_kernels` importable before `pip install -e .`, and picks the device the Triton path runs on: CUDA
+when present, else CPU through the Triton interpreter, which must be switched on before Python starts
 (`TRITON_INTERPRET=1 pytest tests/kernels`): Triton reads it when kernels are defined. Without either, the tests of
 the Triton path skip and say so; the reference tests still run."""
 import importlib.util
@@ -33,7 +36,7 @@ def triton_device():
 
 
 @pytest.fixture(autouse=True)
-def _one_cpu_thread():
+def one_cpu_thread():
     """Kernel tests use small tensors: one intra-op thread avoids spin contention on a busy 2-core machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -4,6 +4,8 @@ Tolerance: |got - exact| <= 3 * 2^-24 * (|m * x| + |(1 - m) * y|): m and 1 - m a
 products and the sum once each (at most 1.5 ulp of the terms). The bf16 copy must equal bf16(new momentum) bit for
 bit (round to nearest even, as torch's .to(torch.bfloat16)).
 """
+from kernel_testing import one_cpu_thread, triton_device  # noqa: F401  (fixtures; imported first)
+
 import pytest
 import torch
 

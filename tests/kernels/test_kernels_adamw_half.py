@@ -6,6 +6,8 @@ stored moments within 1 bf16 ulp of their float64 values (stochastic rounding pi
 within half an ulp for rounding="nearest". The Triton path and the reference draw the same random bits: under the
 interpreter their states agree bit for bit.
 """
+from kernel_testing import one_cpu_thread, triton_device  # noqa: F401  (fixtures; imported first)
+
 import io
 import math
 

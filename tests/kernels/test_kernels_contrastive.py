@@ -5,6 +5,8 @@ Tolerances (relative to the float64 reference computed from the same, already ro
   bf16/fp16:   loss 1e-4, tau-grad 1e-3, dq 1e-2 of max|dq| + 1e-2 of |dq| (dq is returned in bf16/fp16; on GPU
                the probabilities enter the dq matmul in the input dtype, as in flash attention)
 """
+from kernel_testing import one_cpu_thread, triton_device  # noqa: F401  (fixtures; imported first)
+
 import math
 
 import pytest
@@ -56,15 +58,25 @@ def run_triton(q, k, queue, tau_value, mask, **cfg):
     return loss.detach(), q.grad, tau.grad
 
 
-def assert_matches(got, want, dtype, **override):
+def fp32_floors(q, k, queue, tau):
+    """Absolute error floors of fp32 arithmetic: logits of size L carry ~L * 2^-24 each, so a saturated loss
+    (p_+ ~ 1, gradients that cancel to ~0) is only resolved to ~1e-7 of the gradient's natural scale."""
+    B = q.shape[0]
+    x = max(k.abs().max().item(), queue.abs().max().item() if queue.numel() else 0.0)
+    L = q.double().norm(dim=1).max().item() * x * math.sqrt(q.shape[1]) / tau
+    return dict(dq=8 * 2.0**-24 * x / (B * tau), tau=8 * 2.0**-24 * L / tau)
+
+
+def assert_matches(got, want, dtype, inputs, **override):
     (loss, dq, dtau), (loss64, dq64, dtau64) = got, want
     tol = {**TOL[dtype], **override}
+    floor = fp32_floors(*inputs)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert dq.dtype == dtype and dq.shape == dq64.shape
     assert math.isclose(loss.item(), loss64.item(), rel_tol=tol["loss"], abs_tol=tol["loss"])
-    assert math.isclose(dtau.item(), dtau64.item(), rel_tol=tol["tau"], abs_tol=tol["tau"] * 1e-2)
+    assert math.isclose(dtau.item(), dtau64.item(), rel_tol=tol["tau"], abs_tol=floor["tau"])
     err = (dq.double() - dq64).abs()
-    bound = tol["dq_abs"] * dq64.abs().max() + tol["dq_rel"] * dq64.abs() + 1e-12
+    bound = tol["dq_abs"] * dq64.abs().max() + tol["dq_rel"] * dq64.abs() + floor["dq"]
     assert (err <= bound).all(), f"max dq error {err.max().item():.3e}, max |dq| {dq64.abs().max().item():.3e}"
 
 
@@ -80,21 +92,22 @@ SHAPES = [  # (B, K, D): none a multiple of the block sizes, plus the edge cases
 @pytest.mark.parametrize("B,K,D", SHAPES)
 def test_fp32_matches_float64(triton_device, B, K, D):
     q, k, queue, _ = make_inputs(B, K, D, torch.float32, triton_device, seed=B * 1000 + K)
-    assert_matches(run_triton(q, k, queue, 0.05, None), oracle(q, k, queue, 0.05, None), torch.float32)
+    assert_matches(run_triton(q, k, queue, 0.05, None), oracle(q, k, queue, 0.05, None), torch.float32,
+                   (q, k, queue, 0.05))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_match_float64(triton_device, dtype):
     q, k, queue, _ = make_inputs(7, 1000, 72, dtype, triton_device, seed=3)
-    assert_matches(run_triton(q, k, queue, 0.05, None), oracle(q, k, queue, 0.05, None), dtype)
+    assert_matches(run_triton(q, k, queue, 0.05, None), oracle(q, k, queue, 0.05, None), dtype, (q, k, queue, 0.05))
 
 
 def test_partially_filled_queue_mask(triton_device):
     q, k, queue, mask = make_inputs(7, 1000, 72, torch.float32, triton_device, seed=5, masked_frac=0.6)
     got = run_triton(q, k, queue, 0.07, mask)
-    assert_matches(got, oracle(q, k, queue, 0.07, mask), torch.float32)
+    assert_matches(got, oracle(q, k, queue, 0.07, mask), torch.float32, (q, k, queue, 0.07))
     # Masking rows out is the same as leaving them out of the queue.
-    assert_matches(got, oracle(q, k, queue[mask], 0.07, None), torch.float32)
+    assert_matches(got, oracle(q, k, queue[mask], 0.07, None), torch.float32, (q, k, queue, 0.07))
 
 
 def test_queue_filled_from_the_front(triton_device):
@@ -102,7 +115,8 @@ def test_queue_filled_from_the_front(triton_device):
     q, k, queue, _ = make_inputs(5, 1000, 40, torch.float32, triton_device, seed=6)
     mask = torch.zeros(1000, dtype=torch.bool, device=triton_device)
     mask[:100] = True
-    assert_matches(run_triton(q, k, queue, 0.05, mask), oracle(q, k, queue[:100], 0.05, None), torch.float32)
+    assert_matches(run_triton(q, k, queue, 0.05, mask), oracle(q, k, queue[:100], 0.05, None), torch.float32,
+                   (q, k, queue, 0.05))
 
 
 @pytest.mark.parametrize("how", ["K=0", "all masked"])
@@ -118,7 +132,7 @@ def test_multiple_d_chunks_and_tiny_tiles(triton_device):
     """Tiles smaller than every dimension: many queue splits, ragged D tiles, three D chunks in the backward."""
     q, k, queue, mask = make_inputs(21, 200, 72, torch.float32, triton_device, seed=8, masked_frac=0.3)
     got = run_triton(q, k, queue, 0.05, mask, fwd_config=FwdConfig(16, 16, 16), bwd_config=BwdConfig(16, 16, 16, 32))
-    assert_matches(got, oracle(q, k, queue, 0.05, mask), torch.float32)
+    assert_matches(got, oracle(q, k, queue, 0.05, mask), torch.float32, (q, k, queue, 0.05))
 
 
 def test_large_logits_are_stable(triton_device):
@@ -127,7 +141,7 @@ def test_large_logits_are_stable(triton_device):
     q, k, queue, _ = make_inputs(6, 500, 64, torch.float32, triton_device, seed=9, normalize=False)
     got = run_triton(q, k, queue, 0.01, None)
     assert torch.isfinite(got[0]) and torch.isfinite(got[1]).all()
-    assert_matches(got, oracle(q, k, queue, 0.01, None), torch.float32, tau=1e-3, dq_abs=1e-3)
+    assert_matches(got, oracle(q, k, queue, 0.01, None), torch.float32, (q, k, queue, 0.01), tau=1e-3, dq_abs=1e-3)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -135,7 +149,8 @@ def test_large_logits_are_stable(triton_device):
        seed=st.integers(0, 2**31 - 1))
 def test_random_shapes(triton_device, B, K, D, masked, seed):
     q, k, queue, mask = make_inputs(B, K, D, torch.float32, triton_device, seed, masked_frac=masked if K else 0.0)
-    assert_matches(run_triton(q, k, queue, 0.05, mask), oracle(q, k, queue, 0.05, mask), torch.float32)
+    assert_matches(run_triton(q, k, queue, 0.05, mask), oracle(q, k, queue, 0.05, mask), torch.float32,
+                   (q, k, queue, 0.05))
 
 
 def test_grad_flows_only_to_q_and_tau(triton_device):
