@@ -125,7 +125,7 @@ def ceilings(quick=False) -> dict:
 
 # ---- cases ------------------------------------------------------------------------------------------------------
 
-def contrastive_rows(quick=False):
+def contrastive_rows(quick=False, device="cuda"):
     from .contrastive import queue_contrastive_loss
     from .contrastive_reference import queue_contrastive_loss_reference
 
@@ -134,13 +134,13 @@ def contrastive_rows(quick=False):
              "eager": queue_contrastive_loss_reference, "torch.compile": compiled}
     rows = []
     for size, (B, K, D) in CONTRASTIVE_SIZES.items():
-        g = torch.Generator(device="cuda").manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)
 
         def emb(n):
-            return torch.nn.functional.normalize(torch.randn(n, D, device="cuda", generator=g), dim=1).bfloat16()
+            return torch.nn.functional.normalize(torch.randn(n, D, device=device, generator=g), dim=1).bfloat16()
 
         q, k, queue = emb(B).requires_grad_(), emb(B), emb(K)
-        tau = torch.tensor(0.05, device="cuda", requires_grad=True)
+        tau = torch.tensor(0.05, device=device, requires_grad=True)
         label = f"B={B} K={K:,} D={D}"
         for impl, f in impls.items():
             def fwd(f=f):
@@ -160,15 +160,15 @@ def contrastive_rows(quick=False):
     return rows
 
 
-def momentum_rows(quick=False):
+def momentum_rows(quick=False, device="cuda"):
     from .momentum import momentum_update_, momentum_update_reference_
 
     compiled = torch.compile(momentum_update_reference_)
     rows = []
     for size, numels in MOMENTUM_SIZES.items():
-        flat_m = torch.randn(sum(numels), device="cuda")
-        flat_o = torch.randn(sum(numels), device="cuda")
-        flat_l = torch.empty(sum(numels), device="cuda", dtype=torch.bfloat16)
+        flat_m = torch.randn(sum(numels), device=device)
+        flat_o = torch.randn(sum(numels), device=device)
+        flat_l = torch.empty(sum(numels), device=device, dtype=torch.bfloat16)
         moms, onls, lows = (list(t.split(numels)) for t in (flat_m, flat_o, flat_l))
         n = sum(numels)
         cases = {
@@ -187,15 +187,15 @@ def momentum_rows(quick=False):
     return rows
 
 
-def adamw_rows(quick=False):
+def adamw_rows(quick=False, device="cuda"):
     from .adamw_half import AdamWHalfStates, adamw_half_step_reference_
 
     rows = []
     for size, numels in ADAMW_SIZES.items():
         n = sum(numels)
 
-        def params(state_dtype=None):
-            ps = [torch.nn.Parameter(torch.randn(k, device="cuda")) for k in numels]
+        def params():
+            ps = [torch.nn.Parameter(torch.randn(k, device=device)) for k in numels]
             for p in ps:
                 p.grad = torch.randn_like(p)
             return ps
@@ -208,8 +208,8 @@ def adamw_rows(quick=False):
         torch.cuda.empty_cache()
 
         ps = params()
-        states = [(torch.zeros(k, device="cuda", dtype=torch.bfloat16),
-                   torch.zeros(k, device="cuda", dtype=torch.bfloat16)) for k in numels]
+        states = [(torch.zeros(k, device=device, dtype=torch.bfloat16),
+                   torch.zeros(k, device=device, dtype=torch.bfloat16)) for k in numels]
         step_ref = torch.compile(adamw_half_step_reference_)
         rows.append(measure("AdamW step", size, "torch.compile", lambda: step_ref(
             ps, [p.grad for p in ps], [s[0] for s in states], [s[1] for s in states], list(range(len(ps))),
@@ -217,7 +217,7 @@ def adamw_rows(quick=False):
         del ps, states
         torch.cuda.empty_cache()
 
-        fused = torch.optim.AdamW(params(), lr=1e-4, fused=True)
+        fused = torch.optim.AdamW(params(), lr=1e-4, fused=device == "cuda")
         rows.append(measure("AdamW step", size, "torch fused AdamW (fp32 states)", fused.step,
                             adamw_cost(n, state_bytes=4), quick))
         del fused
