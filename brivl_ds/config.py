@@ -19,7 +19,7 @@ class ImageTowerConfig:
     """timm model name; the feature map of its last stage (`forward_features`) is pooled per box."""
     pretrained_path: str | None = None
     """Local timm checkpoint file for the backbone; None = random init. Nothing is fetched from a hub."""
-    image_size: int = 128
+    image_size: int = 96
     """Square network input size in pixels (the official dataset resizes without keeping the aspect ratio)."""
     max_boxes: int = 36
     """Detector boxes kept per image; the whole-image box is appended, so sequences are max_boxes + 1 long."""
@@ -127,9 +127,9 @@ class DataConfig:
     """Where the built-in dataset is generated (once; reused when present)."""
     synthetic_train: int = 6000
     synthetic_eval: int = 500
-    batch_size: int = 32
+    batch_size: int = 16
     """Micro-batch per data-parallel rank; the global batch is batch_size x ranks x grad_accum_steps."""
-    num_workers: int = 1
+    num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     grid_boxes: int = 0
     """Rows without boxes get a g x g grid of boxes (the official later version uses 6); 0 = whole image only."""
@@ -181,6 +181,7 @@ class Config:
 def tiny() -> Config:
     """Runs on a 2-core CPU in about a second per step: the quick start and the tests."""
     cfg = Config(preset="tiny")
+    cfg.train.max_steps = 400
     cfg.train.output_dir = "runs/tiny"
     return cfg
 

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# DeepSpeed 0.19.8 uses collectives that torch 2.13 calls deprecated; one warning per call floods the console.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 @dataclass

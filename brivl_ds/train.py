@@ -4,17 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 if __package__ in (None, ""):
     # Run as a script (how the deepspeed launcher starts it): put the repository root, not brivl_ds/, on the path.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from brivl_ds.config import PRESETS, build_config  # noqa: E402
-
-# DeepSpeed 0.19.8 calls collectives torch 2.13 calls deprecated; one warning per call floods the console.
-warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train BriVL with cross-modal MoCo on DeepSpeed ZeRO-3.")

@@ -28,7 +28,22 @@ def make_config(data, out_dir) -> Config:
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = 2e-3, 2, 0.5  # clipping is active
     cfg.train.max_steps, cfg.train.output_dir, cfg.train.resume = STEPS, str(out_dir), "none"
     cfg.train.progress_bar, cfg.train.seed = False, 7
+    cfg.train.ds_config = str(write_ds_config(out_dir))
     return cfg
+
+
+def write_ds_config(out_dir) -> "Path":
+    """ZeRO-3, fp32; a low persistence threshold so both kinds of parameter are exercised: partitioned ones and
+    small 'persistent' ones that ZeRO-3 keeps gathered between steps."""
+    from pathlib import Path
+
+    path = Path(out_dir) / "ds_zero3_test.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100,
+                                                      "reduce_bucket_size": 20000,
+                                                      "stage3_prefetch_bucket_size": 20000},
+                                "bf16": {"enabled": False}}))
+    return path
 
 
 def gathered(params):
@@ -49,14 +64,17 @@ def _zero3_worker(rank, world, data, out_dir):
     loader = DataLoader(trainer.train_set, batch_sampler=trainer.sampler, collate_fn=trainer.collate)
     pairs = [(o, m) for o, m in trainer.model.parameter_pairs() if o.requires_grad]
     online, momentum = [o for o, _ in pairs], [m for _, m in pairs]
+    persistent = sum(bool(getattr(m, "ds_persist", False)) for m in momentum)
+    assert 0 < persistent < len(momentum)  # both kinds of ZeRO-3 parameter are covered
     losses, ema_max_error = [], 0.0
     for step, (batch, _) in zip(range(STEPS), loader):
         before = gathered(momentum)
         losses.append(trainer.train_step(batch)["loss"])
         after, online_now = gathered(momentum), gathered(online)
-        expected = [b.clone() for b in before]
-        brivl_kernels.momentum_update_reference_(expected, online_now, trainer.cfg.moco.momentum)
-        ema_max_error = max(ema_max_error, max((a - e).abs().max().item() for a, e in zip(after, expected)))
+        expected = [b.clone().view(-1) for b in before]
+        brivl_kernels.momentum_update_reference_(expected, [o.view(-1) for o in online_now],
+                                                 trainer.cfg.moco.momentum)
+        ema_max_error = max(ema_max_error, max((a.view(-1) - e).abs().max().item() for a, e in zip(after, expected)))
         moved = sum((a - b).abs().sum().item() for a, b in zip(after, before))
         assert moved > 0, "the momentum encoder did not move"
     final = dict(zip([n for n, _ in trainer.model.named_parameters()], gathered(list(trainer.model.parameters()))))

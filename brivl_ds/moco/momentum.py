@@ -26,8 +26,7 @@ class MomentumUpdater:
         self.impl = impl
         self.pairs = [(online, momentum) for online, momentum in pairs if online.requires_grad]
         self.zero3 = bool(self.pairs) and _is_zero3(self.pairs[0][1])
-        # ZeRO-3 keeps small "persistent" parameters gathered between steps; after writing their shards they
-        # must be re-gathered (DeepSpeed does the same for online ones after each optimizer step).
+        # ZeRO-3 keeps small "persistent" parameters gathered between steps: see _refresh_persistent.
         self.persistent = [m for _, m in self.pairs if getattr(m, "ds_persist", False)]
         storage = [self._storage(m) for _, m in self.pairs]
         self.lowp = storage if storage and storage[0].dtype != torch.float32 else None
@@ -62,7 +61,15 @@ class MomentumUpdater:
             return
         online = [self._online_fp32(o) for o, _ in self.pairs]
         brivl_kernels.momentum_update_(self.master, online, m, momentum_lowp=self.lowp, impl=self.impl)
+        self._refresh_persistent()
+
+    def _refresh_persistent(self) -> None:
+        """Re-gather the small parameters ZeRO-3 keeps gathered (`ds_persist`) from their just-written shards:
+        release, then gather, as DeepSpeed itself does for online parameters after an optimizer step (all_gather
+        alone skips parameters that are already available). Large parameters need nothing: ZeRO-3 released them
+        and gathers them from the shards at the next forward."""
         if self.persistent:
+            self.persistent[0].partition(self.persistent)
             self.persistent[0].all_gather(self.persistent)
 
     # Per-rank checkpoint state: the fp32 copies exist only in low-precision runs (else the shards are exact and
@@ -79,5 +86,4 @@ class MomentumUpdater:
         for dst, src, low in zip(self.master, state["master"], self.lowp):
             dst.copy_(src)
             low.copy_(dst)
-        if self.persistent:
-            self.persistent[0].all_gather(self.persistent)
+        self._refresh_persistent()

@@ -1,0 +1,75 @@
+"""End to end through the real launcher: the quick start (train, checkpoint, evaluate), the eval command on its
+checkpoint, and resume equivalence: 2N steps == N steps + a new process + N steps, exactly (fp32, CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+N = 3
+
+
+def launch(out_dir, data, *overrides, world=2):
+    """`deepspeed --num_gpus 2 brivl_ds/train.py --preset tiny ...` (CPU processes here), small and fast."""
+    settings = [f"train.output_dir={out_dir}", f"data.train_path={data['train']}", f"data.eval_path={data['eval']}",
+                f"model.text.tokenizer_path={data['tokenizer']}", "model.image.image_size=64",
+                "model.image.backbone=test_convnext", "data.batch_size=4", "moco.queue_size=12",
+                f"train.max_steps={2 * N}", "optim.warmup_steps=2", "train.progress_bar=false", *overrides]
+    cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", str(free_port()), "brivl_ds/train.py",
+           "--preset", "tiny"] + [a for s in settings for a in ("--set", s)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def losses(out_dir):
+    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(shapes_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    log = launch(out, shapes_data)
+    return out, log
+
+
+def test_quickstart_trains_checkpoints_and_evaluates(full_run):
+    out, log = full_run
+    assert "eval @ step 6 on 48 held-out pairs: R@1/5/10" in log
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step6"
+    assert sorted(p.name for p in (out / "checkpoints" / "step6").glob("zero_pp_rank_*_model_states.pt")) == \
+        ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 2 * N + 1))
+    assert all(k in steps[-1] for k in ("loss_i2t", "loss_t2i", "tau", "lr", "grad_norm", "samples_per_s",
+                                         "step_time", "queue_fill"))
+    assert steps[-1]["queue_fill"] == 1.0  # 6 steps x 8 keys > K = 12
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n"] == 48 and 0 <= result["i2t_r1"] <= result["i2t_r5"] <= result["i2t_r10"] <= 100
+
+
+def test_eval_command_on_the_checkpoint_reproduces_the_run_eval(full_run, tmp_path):
+    out, _ = full_run
+    proc = subprocess.run([sys.executable, "-m", "brivl_ds.eval", "--checkpoint", str(out / "checkpoints"),
+                           "--out", str(tmp_path / "m.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = json.loads((tmp_path / "m.json").read_text())
+    during = json.loads((out / "eval.json").read_text())
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "n"):
+        assert offline[key] == pytest.approx(during[key]), key
+
+
+def test_resume_after_restart_gives_the_same_losses(full_run, shapes_data, tmp_path):
+    out, _ = full_run
+    first = launch(tmp_path, shapes_data, f"train.stop_at_step={N}")
+    assert "eval @" not in first  # stopped early: checkpointed, not finished
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step{N}"
+    second = launch(tmp_path, shapes_data)  # a new process: resumes from the latest checkpoint
+    assert f"resumed from {tmp_path}/checkpoints/step{N} at step {N}" in second
+    assert losses(tmp_path) == losses(out)  # exactly: fp32 on CPU
