@@ -104,12 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     args = ap.parse_args(argv)
     bad = 0
-    print(f"{'kernel':44s} {'regs':>4s} {'spill':>5s} {'smem KiB':>8s} {'mma':>8s} {'load':>4s}")
+    print(f"Compiled for sm_{args.arch}{'a' if args.arch >= 90 else ''} (Triton {triton.__version__}, bundled ptxas)\n")
+    print("| kernel and launch config | registers | spill bytes | shared KiB | MMA | widest global load |")
+    print("|---|---:|---:|---:|---|---|")
     for name, kernel, sig, consts, warps, stages in all_cases():
         r = compile_report(kernel, sig, consts, warps, stages, args.arch)
         spill = r["spill_stores"] + r["spill_loads"]
         bad += spill > 0 or r["shared"] > 227 * 1024
-        print(f"{name:44s} {r['regs']:4d} {spill:5d} {r['shared'] / 1024:8.1f} {r['mma']:>8s} {r['widest_load']:>4s}")
+        print(f"| {name} | {r['regs']} | {spill} | {r['shared'] / 1024:.1f} | {r['mma']} | {r['widest_load']} |")
     return 1 if bad else 0
 
 
