@@ -7,20 +7,13 @@ environment variable at call time, and say how to fix it when the two disagree.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
 IMPLS = ("auto", "triton", "reference")
-
-try:  # Triton is a hard dependency of the package, but keep CPU-only users of the references working without it.
-    import triton  # noqa: F401
-    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    HAVE_TRITON = False
-    _InterpretedFunction = ()
 
 
 def interpreter_requested() -> bool:
@@ -30,7 +23,7 @@ def interpreter_requested() -> bool:
 
 def is_interpreted(kernel) -> bool:
     """True when `kernel` (a @triton.jit object) was built by the interpreter."""
-    return HAVE_TRITON and isinstance(kernel, _InterpretedFunction)
+    return isinstance(kernel, InterpretedFunction)
 
 
 def resolve(impl: str, device: torch.device, kernel) -> str:
@@ -43,10 +36,6 @@ def resolve(impl: str, device: torch.device, kernel) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
-        return "reference"
-    if not HAVE_TRITON:
-        if impl == "triton":
-            raise RuntimeError("impl='triton' needs the `triton` package, which is not installed")
         return "reference"
     interpreted = is_interpreted(kernel)
     if device.type == "cuda":
@@ -71,5 +60,10 @@ def resolve(impl: str, device: torch.device, kernel) -> str:
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; a small stand-in for the interpreter (to still test splitting)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 2
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

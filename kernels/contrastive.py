@@ -292,7 +292,7 @@ def _forward(q, k, queue, tau32, mask, cfg: FwdConfig | None, interpreted: bool)
         BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _combine_kernel[(1,)](part_m, part_l, part_t, pos2, tau32, lse2, loss, dtau_unit, B, S,
-                          BLOCK_B=min(_pow2(B), 128), BLOCK_S=min(_pow2(S), 32), num_warps=4)
+                          BLOCK_B=min(max(_pow2(B), 16), 128), BLOCK_S=min(max(_pow2(S), 16), 32), num_warps=4)
     return loss, lse2, pos2, dtau_unit
 
 
@@ -313,7 +313,7 @@ def _backward_dq(g, q, k, queue, tau32, mask, lse2, pos2, cfg: BwdConfig | None,
             BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, BLOCK_DC=cfg.block_dc,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    fb, fd = min(_pow2(B), 16), min(_pow2(D), 256)
+    fb, fd = 16, min(max(_pow2(D), 16), 256)
     _finalize_kernel[(triton.cdiv(B, fb), triton.cdiv(D, fd))](
         dq_acc, k, pos2, lse2, tau32, g, dq, B, D, k.stride(0), dq.stride(0),
         OUT_BF16=q.dtype == torch.bfloat16, BLOCK_B=fb, BLOCK_D=fd, num_warps=4)

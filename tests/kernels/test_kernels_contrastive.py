@@ -137,6 +137,16 @@ def test_multiple_d_chunks_and_tiny_tiles(triton_device):
     assert_matches(got, oracle(q, k, queue, 0.05, mask), torch.float32, (q, k, queue, 0.05))
 
 
+def test_strided_views(triton_device):
+    """Rows of wider tensors (row stride > D), e.g. a slice of a queue buffer or of a concatenated projection."""
+    q, k, queue, _ = make_inputs(9, 300, 72, torch.float32, triton_device, seed=15)
+    wide_q = torch.zeros(9, 100, device=triton_device)
+    wide_queue = torch.zeros(300, 90, device=triton_device)
+    wide_q[:, 3:75], wide_queue[:, 10:82] = q, queue
+    got = run_triton(wide_q[:, 3:75], k, wide_queue[:, 10:82], 0.05, None)
+    assert_matches(got, oracle(q, k, queue, 0.05, None), torch.float32, (q, k, queue, 0.05))
+
+
 def test_large_logits_are_stable(triton_device):
     """Unnormalised embeddings and a small tau: logits in the thousands, no overflow. An fp32 logit of size L
     carries an absolute error ~ L * 1e-7 that exp() turns into a relative error: tolerances scale with L."""
