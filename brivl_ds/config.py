@@ -25,7 +25,7 @@ class ImageTowerConfig:
     """Detector boxes kept per image; the whole-image box is appended, so sequences are max_boxes + 1 long."""
     roi_output_size: int = 1
     """RoIAlign output grid per box (r x r cells, flattened before the box projection)."""
-    width: int = 256
+    width: int = 128
     """Width of the box self-attention block."""
     num_layers: int = 4
     num_heads: int = 4
@@ -223,6 +223,7 @@ def paper_1b() -> Config:
     )
     cfg.model.embed_dim = 2560
     cfg.moco = MocoConfig(queue_size=16384, momentum=0.99, tau_init=0.05)
+    cfg.optim.name = "adamw_half"  # the paper's half-precision Adam statistics (bf16 moments, fp32 master)
     cfg.train.output_dir = "runs/paper-1b"
     return cfg
 

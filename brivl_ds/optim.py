@@ -30,7 +30,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.name == "adamw_half":
         import brivl_kernels
 
-        return brivl_kernels.AdamWHalfStates(groups, **kwargs)
+        # Stochastic rounding of the bf16 moments: a different stream per rank (each rank owns other partitions).
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return brivl_kernels.AdamWHalfStates(groups, seed=rank, **kwargs)
     raise ValueError(f"unknown optimizer {cfg.name!r}; choose adamw or adamw_half")
 
 

@@ -93,8 +93,10 @@ class Trainer:
         self.momentum = MomentumUpdater(self.model.parameter_pairs(), cfg.moco.momentum_impl)
         self.momentum.copy_online_to_momentum()
         dim = cfg.model.embed_dim
-        self.image_queue = KeyQueue(cfg.moco.queue_size, dim, device=self.info.device)
-        self.text_queue = KeyQueue(cfg.moco.queue_size, dim, device=self.info.device)
+        # Keys are stored in the compute dtype: the loss kernel reads the whole queue every step (half the bytes in
+        # bf16) and accumulates in fp32.
+        self.image_queue = KeyQueue(cfg.moco.queue_size, dim, self.dtype, self.info.device)
+        self.text_queue = KeyQueue(cfg.moco.queue_size, dim, self.dtype, self.info.device)
         self.pos = Position()
         self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if self.info.is_main else None
         self.metrics_file = self.out_dir / "metrics.jsonl"

@@ -21,14 +21,12 @@ def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor
                            impl: str = "auto") -> torch.Tensor:
     """mean_i -log(exp(q_i.k_i/tau) / (exp(q_i.k_i/tau) + sum_j exp(q_i.queue_j/tau))).
 
-    Dispatches to brivl_kernels (fused Triton kernel on CUDA, or under TRITON_INTERPRET=1; else the plain PyTorch
-    reference). Computed in the queue's precision (fp32 keys) whatever the query dtype.
+    Dispatches to brivl_kernels: the fused Triton kernel on CUDA (or under TRITON_INTERPRET=1), else the plain
+    PyTorch reference. Inputs may be bf16, fp16 or fp32; accumulation is in fp32.
     """
     import brivl_kernels
 
-    dtype = queue.dtype if queue.is_floating_point() else torch.float32
-    return brivl_kernels.queue_contrastive_loss(q.to(dtype), k.to(dtype), queue, tau.to(dtype).reshape(()),
-                                                impl=impl)
+    return brivl_kernels.queue_contrastive_loss(q, k, queue, tau.reshape(()), impl=impl)
 
 
 def moco_loss(out: MocoOutputs, image_queue: KeyQueue, text_queue: KeyQueue, impl: str = "auto"
