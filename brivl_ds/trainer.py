@@ -138,8 +138,8 @@ class Trainer:
                 if not stats["boundary"]:
                     continue
                 self.pos.step += 1
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", tau=f"{stats['tau']:.3f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", tau=f"{stats['tau']:.3f}")
                 now = time.perf_counter()
                 stats.update(lr=self.scheduler.get_last_lr()[0], grad_norm=self._grad_norm(),
                              step_time=now - t_last, samples_per_s=(self.pos.samples - samples_last) / (now - t_last),
