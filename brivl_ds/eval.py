@@ -78,11 +78,14 @@ def main(argv: list[str] | None = None) -> dict:
         result = recall_at_k(image, text)
     else:
         from brivl_ds.data.dataset import Collator, PairDataset
-        from brivl_ds.distributed import init_distributed
+        from brivl_ds.distributed import DistInfo
         from brivl_ds.evaluation import evaluate_retrieval
 
-        info = init_distributed()
+        # One process, no process group: the consolidated fp32 model is evaluated directly.
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        info = DistInfo(rank=0, world=1, local_rank=0, local_world=1, device=device)
         model, tokenizer, cfg = load_online_model(args.checkpoint, args.tag)
+        model.to(device)
         data = args.data or cfg.data.eval_path
         if not data:
             raise ValueError("the run has no eval_path; pass --data")

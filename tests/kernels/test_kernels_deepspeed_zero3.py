@@ -27,9 +27,16 @@ CONFIG = {
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
+    saved = dict(os.environ)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/brivl_ds/torch_extensions"))
     zero_memory.init_single_process()  # RANK=0 WORLD_SIZE=1, a free MASTER_PORT, DS_ACCELERATOR=cpu, gloo
-    yield  # left initialised: other tests in this process may use it too
+    yield
+    # Leave nothing behind: later tests start subprocesses that inherit os.environ (a stale MASTER_PORT that this
+    # process still listens on would make their rendezvous fail).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def make_engine(impl, init_seed):
