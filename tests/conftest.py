@@ -12,7 +12,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "brivl_ds" / "torch_extensions"))
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO.parent / "shared" / "fixtures" / "brivl-official"
+FIXTURES = REPO / "tests" / "fixtures" / "brivl-official"  # the official example data (MIT), shipped with the tests
 
 
 def free_port() -> int:
@@ -42,8 +42,6 @@ def run_distributed(fn, world: int, *args) -> None:
 
 @pytest.fixture(scope="session")
 def official_fixture() -> Path:
-    if not FIXTURES.exists():
-        pytest.skip(f"official fixture not found at {FIXTURES}")
     return FIXTURES
 
 
