@@ -54,8 +54,8 @@ class TextTowerConfig:
     num_layers: int = 2
     num_heads: int = 2
     intermediate_size: int = 512
-    max_length: int = 32
-    """Tokens per caption after truncation (the official config uses 80)."""
+    max_length: int = 40
+    """Tokens per caption after truncation (the official config uses 80; the built-in captions need <= 38)."""
     encoder_dropout: float = 0.0
     sa_layers: int = 4
     sa_heads: int = 4

@@ -43,7 +43,7 @@ class Position:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     samples: int = 0  # global samples seen
-    skipped_rows: int = 0  # undecodable rows replaced (this rank)
+    skipped_rows: int = 0  # undecodable rows replaced, all ranks
 
 
 def resolve_data(cfg: Config, info: DistInfo) -> None:
@@ -103,7 +103,7 @@ class Trainer:
         self._maybe_resume()
 
     # ------------------------------------------------------------------------------------------------- one step
-    def train_step(self, batch: Batch) -> dict[str, float]:
+    def train_step(self, batch: Batch, skipped_rows: int = 0) -> dict[str, float]:
         batch = batch.to(self.info.device, dtype=self.dtype)
         out = run_moco(self.engine, batch)
         loss, parts = moco_loss(out, self.image_queue, self.text_queue, self.cfg.moco.loss_impl)
@@ -114,14 +114,16 @@ class Trainer:
             self.momentum.update(self.cfg.moco.momentum)
         self.image_queue.enqueue(out.image_key)
         self.text_queue.enqueue(out.text_key)
+        # One small all-reduce for the console and TensorBoard: losses averaged, skipped rows summed over ranks.
         stats = all_reduce_mean(torch.stack([loss.detach().float(), parts["loss_i2t"].float(),
-                                             parts["loss_t2i"].float()]))
+                                             parts["loss_t2i"].float(),
+                                             torch.tensor(float(skipped_rows), device=loss.device)]))
         return {"loss": stats[0].item(), "loss_i2t": stats[1].item(), "loss_t2i": stats[2].item(),
-                "tau": out.tau.item(), "boundary": boundary}
+                "tau": out.tau.item(), "skipped": round(stats[3].item() * self.info.world), "boundary": boundary}
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, float]:
-        cfg, ga = self.cfg, self.cfg.train.grad_accum_steps
+        cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.pos.step, desc="train", dynamic_ncols=True,
                    disable=not (self.info.is_main and cfg.train.progress_bar))
         self.engine.train()
@@ -131,10 +133,10 @@ class Trainer:
             loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=self.collate,
                                 num_workers=cfg.data.num_workers, persistent_workers=False)
             for batch, meta in loader:
-                stats = self.train_step(batch)
+                stats = self.train_step(batch, meta["skipped"])
                 self.pos.batch_in_epoch += 1
                 self.pos.samples += len(batch) * self.info.world
-                self.pos.skipped_rows += meta["skipped"]
+                self.pos.skipped_rows += stats.pop("skipped")
                 if not stats["boundary"]:
                     continue
                 self.pos.step += 1
