@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from brivl_ds.config import Config, get_preset
-from conftest import run_distributed
+from conftest import REPO, run_distributed
 from test_towers import small_model_config
 
 pytestmark = pytest.mark.slow
@@ -142,7 +142,7 @@ def test_zero3_two_ranks_equals_plain_pytorch(kernels, shapes_data, tmp_path, mo
     assert got["ema_max_error"] <= (1e-7 if kernels == "reference" else 1e-6), got["ema_max_error"]
 
 
-def _bf16_worker(rank, world, data, out_dir):
+def _bf16_worker(rank, world, data, out_dir, recipe):
     from deepspeed.utils import safe_get_local_fp32_param
     from torch.utils.data import DataLoader
 
@@ -150,15 +150,20 @@ def _bf16_worker(rank, world, data, out_dir):
 
     cfg = make_config(data, out_dir)
     ds = json.loads(open(cfg.train.ds_config).read())
-    ds["bf16"] = {"enabled": True}
+    if recipe == "adamw_half":  # the recommended recipe: bf16 weights, fp32 master, bf16 Adam moments (ours)
+        ds["bf16"] = {"enabled": True}
+        cfg.optim.name = "adamw_half"
+    else:  # DeepSpeed's alternative: bf16 master weights and bf16 optimizer states, as in the shipped config
+        ds["bf16"] = json.loads((REPO / "ds_configs" / "paper-1b-bf16-states.json").read_text())["bf16"]
+        cfg.optim.name = "adamw"
     path = f"{out_dir}/ds_bf16.json"
     open(path, "w").write(json.dumps(ds))
     cfg.train.ds_config = path
-    cfg.optim.name = "adamw_half"  # the recommended bf16 recipe: bf16 weights, fp32 master, bf16 Adam moments
     trainer = Trainer(cfg)
     trainer.engine.train()
     ema = trainer.momentum
-    assert type(trainer.engine.optimizer.optimizer).__name__ == "AdamWHalfStates"
+    expected_optimizer = "AdamWHalfStates" if recipe == "adamw_half" else "AdamW"
+    assert type(trainer.engine.optimizer.optimizer).__name__ == expected_optimizer
     assert ema.lowp is not None and all(t.dtype == torch.float32 for t in ema.master)
     assert all(t.dtype == torch.bfloat16 for t in ema.lowp)
     loader = DataLoader(trainer.train_set, batch_sampler=trainer.sampler, collate_fn=trainer.collate)
@@ -173,7 +178,9 @@ def _bf16_worker(rank, world, data, out_dir):
             assert torch.equal(low, now.bfloat16())  # the bf16 shard is the rounded fp32 EMA
 
 
-def test_bf16_run_keeps_fp32_momentum_shards(shapes_data, tmp_path):
+@pytest.mark.parametrize("recipe", ["adamw_half", "deepspeed_bf16_states"])
+def test_bf16_run_keeps_fp32_momentum_shards(recipe, shapes_data, tmp_path):
     """bf16 (the base and paper presets): the EMA runs on fp32 copies of each rank's momentum shards, computed from
-    the optimizer's fp32 master partition, and the bf16 shards the forward uses are their rounding."""
-    run_distributed(_bf16_worker, WORLD, shapes_data, str(tmp_path))
+    the optimizer's master partition (fp32, or bf16 with DeepSpeed's bf16 master weights), and the bf16 shards the
+    forward uses are their rounding."""
+    run_distributed(_bf16_worker, WORLD, shapes_data, str(tmp_path), recipe)

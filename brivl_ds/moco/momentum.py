@@ -3,7 +3,8 @@
 Under ZeRO-3 every rank owns the same slice of an online parameter and of its momentum copy (identical shapes
 are partitioned identically), so the EMA is purely local: online values come from the optimizer's fp32 master
 partition (`safe_get_local_fp32_param`), the momentum values go into the momentum parameter's partition
-(`ds_tensor`). No parameter is gathered for the update.
+(`ds_tensor`). Partitioned parameters need no communication; only ZeRO-3's small persistent parameters are
+re-gathered afterwards (see _refresh_persistent).
 
 When the model runs in bf16 the momentum shards are bf16, and an EMA computed in bf16 stalls once (1 - m) * delta
 is below bf16 resolution; so an fp32 copy of each momentum shard is kept here and the bf16 shard is refreshed
