@@ -173,7 +173,7 @@ def _bf16_worker(rank, world, data, out_dir, recipe):
         loss = trainer.train_step(batch)["loss"]
         assert torch.isfinite(torch.tensor(loss))
         for (online, _), prev, now, low in zip(ema.pairs, before, ema.master, ema.lowp):
-            theta = safe_get_local_fp32_param(online).view(-1)[: now.numel()]
+            theta = safe_get_local_fp32_param(online).view(-1)[: now.numel()].float()
             torch.testing.assert_close(now, m * prev + (1 - m) * theta, rtol=1e-6, atol=1e-7)
             assert torch.equal(low, now.bfloat16())  # the bf16 shard is the rounded fp32 EMA
 
