@@ -98,6 +98,8 @@ class Trainer:
         self.image_queue = KeyQueue(cfg.moco.queue_size, dim, self.dtype, self.info.device)
         self.text_queue = KeyQueue(cfg.moco.queue_size, dim, self.dtype, self.info.device)
         self.pos = Position()
+        self.last_eval: dict[str, float] = {}
+        self.last_eval_step = -1
         self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if self.info.is_main else None
         self.metrics_file = self.out_dir / "metrics.jsonl"
         self._maybe_resume()
@@ -162,7 +164,10 @@ class Trainer:
         bar.close()
         self.save()
         finished = self.pos.step >= self.total_steps
-        result = self.evaluate() if finished and cfg.train.eval_at_end and cfg.data.eval_path else {}
+        if self.last_eval_step == self.pos.step:  # eval_every already evaluated this very step
+            result = self.last_eval
+        else:
+            result = self.evaluate() if finished and cfg.train.eval_at_end and cfg.data.eval_path else {}
         if self.writer:
             self.writer.close()
         return result
@@ -191,6 +196,7 @@ class Trainer:
                                grid=self.cfg.data.grid_boxes)
         result = evaluate_retrieval(self.model.online, eval_set, self.collate, self.cfg.data.batch_size,
                                     self.info, self.dtype)
+        self.last_eval, self.last_eval_step = result, self.pos.step
         if self.info.is_main:
             for key, value in result.items():
                 self.writer.add_scalar(f"eval/{key}", value, self.pos.step)
