@@ -24,7 +24,7 @@ def load_online_model(checkpoint_dir: Path, tag: str | None):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from brivl_ds.checkpoint import latest_tag
-    from brivl_ds.config import Config, ModelConfig, build_config
+    from brivl_ds.config import Config, build_config
     from brivl_ds.data.tokenizer import load_tokenizer
     from brivl_ds.models.brivl import BriVL
     from brivl_ds.moco.model import BriVLMoCo

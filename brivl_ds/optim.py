@@ -47,5 +47,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
+    """torch's LambdaLR (checkpointed by DeepSpeed with the engine). DeepSpeed's WarmupCosineLR is not used: it
+    starts from lr 0 for the first two steps and defaults to a logarithmic warmup."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         warmup_cosine, warmup_steps=max(1, cfg.warmup_steps), total_steps=total_steps, min_ratio=cfg.min_lr_ratio))

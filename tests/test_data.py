@@ -82,3 +82,33 @@ def test_batch_sampler_splits_global_batches_across_ranks_and_resumes():
     assert list(samplers[0]) == per_rank[0][2:]
     samplers[0].set_position(1, 0)
     assert list(samplers[0]) != per_rank[0]  # a new epoch reshuffles
+
+
+def test_converter_drops_bad_rows_by_reason_and_keeps_good_ones(official_fixture, tmp_path):
+    good = [json.loads(line) for line in (official_fixture / "example.jsonl").read_text().splitlines()]
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for rec in good:
+        name = rec["image_id"].split("/")[-1]
+        (images / name).write_bytes((official_fixture / "imgs" / name).read_bytes())
+    (images / "truncated.jpg").write_bytes((official_fixture / "imgs" / good[0]["image_id"].split("/")[-1])
+                                           .read_bytes()[:300])
+    ok = good[0]
+    rows = [
+        json.dumps({**ok, "bbox": [[float("nan"), 0, 5, 5], [-10, -10, 5000, 5000], [3, 3, 3, 9]]}),  # 2 bad boxes
+        json.dumps({**ok, "image_id": "../data/imgs/missing.jpg"}),
+        json.dumps({**ok, "image_id": "truncated.jpg"}),
+        json.dumps({**ok, "sentences": [["sur_text", "   "]]}),
+        "{not json",
+    ]
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_bytes(("\n".join(rows) + "\n").encode() + b"\xff\xfe bad utf-8\n")
+    report = convert_main(["--jsonl", str(jsonl), "--image-root", str(images), "--out", str(tmp_path / "out")])
+    assert report["read"] == 6 and report["written"] == 1
+    assert report["dropped: image file missing"] == 1
+    assert report["dropped: undecodable image"] == 1
+    assert report["dropped: no non-empty sur_text"] == 1
+    assert report["dropped: invalid JSON or UTF-8"] == 2
+    assert report["boxes dropped (NaN/degenerate/outside)"] == 2
+    (row,) = read_table(tmp_path / "out").to_pylist()
+    assert row["boxes"] == [[0.0, 0.0, float(row["width"]), float(row["height"])]]  # the outside box, clipped

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from brivl_ds.config import ImageTowerConfig, ModelConfig, TextTowerConfig

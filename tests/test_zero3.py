@@ -4,6 +4,7 @@ The reference below is the textbook algorithm on one process with the global bat
 schedule, torch.nn.utils.clip_grad_norm_, a dense EMA and an un-gathered queue.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,11 +33,9 @@ def make_config(data, out_dir, kernels: str = "reference") -> Config:
     return cfg
 
 
-def write_ds_config(out_dir) -> "Path":
+def write_ds_config(out_dir) -> Path:
     """ZeRO-3, fp32; a low persistence threshold so both kinds of parameter are exercised: partitioned ones and
     small 'persistent' ones that ZeRO-3 keeps gathered between steps."""
-    from pathlib import Path
-
     path = Path(out_dir) / "ds_zero3_test.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100,

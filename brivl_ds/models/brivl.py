@@ -20,6 +20,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+        """Move to `device`; `dtype` (the model's compute dtype) applies to the images only."""
         images = self.images.to(device, dtype=dtype) if dtype is not None else self.images.to(device)
         return Batch(images, self.boxes.to(device), self.box_mask.to(device), self.input_ids.to(device),
                      self.attention_mask.to(device))
