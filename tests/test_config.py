@@ -50,3 +50,12 @@ def test_ds_config_refuses_settings_the_trainer_owns(tmp_path):
     bad.write_text('{"zero_optimization": {"stage": 2}}')
     with pytest.raises(ValueError, match="stage 3"):
         load_ds_config(cfg)
+
+
+def test_presets_command_prints_the_config_and_the_parameter_count(capsys):
+    from brivl_ds.presets import main
+
+    main(["base", "--set", "moco.queue_size=123"])
+    out = capsys.readouterr().out
+    assert '"queue_size": 123' in out and '"embed_dim": 2048' in out
+    assert "momentum" in out and "445,855,841" in out  # online + momentum + tau, built on the meta device
