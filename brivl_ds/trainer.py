@@ -7,7 +7,6 @@ One optimizer step (`train_step`), read top to bottom:
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from brivl_ds.checkpoint import gather_objects, latest_tag, rng_state, set_rng_state
 from brivl_ds.config import Config
 from brivl_ds.data.dataset import Collator, DistributedBatchSampler, PairDataset
-from brivl_ds.data.synthetic import ensure_shapes_dataset
+from brivl_ds.data.synthetic import ensure_shapes_dataset, shapes_dataset_paths
 from brivl_ds.data.tokenizer import load_tokenizer
 from brivl_ds.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from brivl_ds.ds_config import load_ds_config
@@ -32,8 +31,6 @@ from brivl_ds.moco.model import BriVLMoCo, run_moco
 from brivl_ds.moco.momentum import MomentumUpdater
 from brivl_ds.moco.queue import KeyQueue
 from brivl_ds.optim import build_optimizer, build_scheduler
-
-log = logging.getLogger("brivl_ds")
 
 
 @dataclass
@@ -47,7 +44,7 @@ class Position:
 
 
 def resolve_data(cfg: Config, info: DistInfo) -> None:
-    """Fill in the built-in dataset when no shards are given (generated once, by rank 0)."""
+    """Fill in the built-in dataset when no shards are given (generated once, by rank 0; the others wait)."""
     if cfg.data.train_path is not None:
         if cfg.model.text.tokenizer_path is None and cfg.model.text.pretrained_path is None:
             raise ValueError("set model.text.tokenizer_path (a local Hugging Face tokenizer directory) "
@@ -57,8 +54,7 @@ def resolve_data(cfg: Config, info: DistInfo) -> None:
         ensure_shapes_dataset(cfg.data.synthetic_dir, cfg.data.synthetic_train, cfg.data.synthetic_eval,
                               cfg.model.image.image_size, seed=0)
     barrier()
-    paths = ensure_shapes_dataset(cfg.data.synthetic_dir, cfg.data.synthetic_train, cfg.data.synthetic_eval,
-                                  cfg.model.image.image_size, seed=0)
+    paths = shapes_dataset_paths(cfg.data.synthetic_dir)
     cfg.data.train_path, cfg.data.eval_path = str(paths["train"]), str(paths["eval"])
     cfg.model.text.tokenizer_path = cfg.model.text.tokenizer_path or str(paths["tokenizer"])
 
@@ -78,6 +74,7 @@ class Trainer:
         self.sampler = DistributedBatchSampler(len(self.train_set), cfg.data.batch_size, self.info.rank,
                                                self.info.world, seed=cfg.train.seed)
         self.collate = Collator(self.tokenizer, cfg.model.text.max_length)
+        self.eval_set: PairDataset | None = None
         steps_per_epoch = self.sampler.batches_per_epoch // cfg.train.grad_accum_steps
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
 
@@ -191,10 +188,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        eval_set = PairDataset(self.cfg.data.eval_path, self.cfg.model.image.image_size,
-                               self.cfg.model.image.max_boxes, self.cfg.data.augment, train=False,
-                               grid=self.cfg.data.grid_boxes)
-        result = evaluate_retrieval(self.model.online, eval_set, self.collate, self.cfg.data.batch_size,
+        if self.eval_set is None:  # read the held-out shards once, on first use
+            self.eval_set = PairDataset(self.cfg.data.eval_path, self.cfg.model.image.image_size,
+                                        self.cfg.model.image.max_boxes, self.cfg.data.augment, train=False,
+                                        grid=self.cfg.data.grid_boxes)
+        result = evaluate_retrieval(self.model.online, self.eval_set, self.collate, self.cfg.data.batch_size,
                                     self.info, self.dtype)
         self.last_eval, self.last_eval_step = result, self.pos.step
         if self.info.is_main:

@@ -124,5 +124,4 @@ class DistributedBatchSampler(Sampler[list[tuple[int, int]]]):
         base = int(np.random.default_rng([self.seed, self.epoch, 1]).integers(2**31))
         for j in range(self.start_batch, self.batches_per_epoch):
             rows = order[j * g + self.rank * self.batch_size: j * g + (self.rank + 1) * self.batch_size]
-            rows = rows if len(rows) else order[:0]
-            yield [(int(i) % self.num_rows, base + int(i)) for i in rows]
+            yield [(int(i), base + int(i)) for i in rows]

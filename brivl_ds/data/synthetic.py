@@ -86,12 +86,17 @@ def _rows(n: int, seed: int, size: int, split: str) -> list[Row]:
     return rows
 
 
+def shapes_dataset_paths(out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    return {"train": out / "train", "eval": out / "eval", "tokenizer": out / "tokenizer"}
+
+
 def ensure_shapes_dataset(out_dir: str | Path, n_train: int, n_eval: int, image_size: int = 128, seed: int = 0
                           ) -> dict[str, Path]:
     """Generate (once) train/ and eval/ shards plus a tokenizer/; returns their paths. Reused when present."""
     out = Path(out_dir)
     spec = {"version": VERSION, "n_train": n_train, "n_eval": n_eval, "image_size": image_size, "seed": seed}
-    paths = {"train": out / "train", "eval": out / "eval", "tokenizer": out / "tokenizer"}
+    paths = shapes_dataset_paths(out)
     done = out / "DONE.json"
     if done.exists() and json.loads(done.read_text()) == spec:
         return paths
