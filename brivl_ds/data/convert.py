@@ -1,108 +1,757 @@
-"""Convert the official BriVL JSONL format to Parquet shards.
+"""Convert image-text data to Parquet shards (the format in shards.py), on every core, restartable.
 
-  python -m brivl_ds.data.convert --jsonl example.jsonl --image-root imgs/ --out shards/
+  python -m brivl_ds.data.convert official --jsonl example.jsonl --image-root imgs/ --out shards/
+  python -m brivl_ds.data.convert pairs --input crawl.csv --image-root crawl/ --out shards/ --dedup
 
-Official rows: {"image_id": path, "sentences": [[kind, text], ...], "bbox": [[x1, y1, x2, y2], ...]} with boxes in
-original pixels. `image_id` paths are relative to where the official scripts ran: an image is looked up as
-<image-root>/<image_id>, then as <image-root>/<file name> (a flat folder of images). The text tower reads the
-`sur_text` sentence by default (--text-kind). Bad rows are dropped and counted by reason, never fatal; boxes are
-clipped to the image, and dropped when NaN or empty after clipping.
+Inputs (subcommands)
+  official  BriVL JSONL: {"image_id": path, "sentences": [[kind, text], ...], "bbox": [[x1, y1, x2, y2], ...]}, boxes
+            in original pixels. `image_id` paths are relative to where the official scripts ran, so an image is
+            looked up as <image-root>/<image_id>, then as <image-root>/<file name>. `text` is the --text-kind
+            sentence (default sur_text), stripped; `texts` keeps every sentence with its kind.
+  pairs     CSV or TSV with a header row, or JSONL (by file suffix): an image path (relative to --image-root, or
+            absolute), a caption and optional boxes (--image-column / --text-column / --boxes-column; in CSV the
+            boxes are a JSON string such as "[[1, 2, 30, 40]]", empty = none). TSV is read without quoting.
+
+How it runs
+  The parent streams the input once and only notes where each chunk of --rows-per-shard input rows starts (a byte
+  offset); chunk n becomes part-{n:05d}.parquet, written by a worker process that reads its own rows. The output is
+  byte-identical whatever --workers is. A finished shard gets a sidecar part-{n:05d}.json (manifest entry and
+  counts per reason), written after the shard; a re-run skips chunks whose shard and sidecar agree, and refuses to
+  run if the input (path, size, mtime) or an option that changes the output differs from convert-settings.json.
+  Partial files (*.tmp) are discarded. manifest.json is written last, with the total report. One converter per --out.
+
+What is kept
+  Images are stored as read for JPEG (MPO too: a JPEG with extra frames after it), PNG and WebP; GIF, BMP and TIFF
+  are re-encoded to PNG (first frame; counted as "re-encoded to PNG"); any other file is "undecodable" (PIL's other
+  plugins are not even tried: EPS would run Ghostscript on crawled bytes). Pixel orientation stays raw, no EXIF
+  transpose: the official code and the detector boxes use the raw orientation. Every image is decoded once to catch
+  truncation (JPEGs at 1/8 scale with PIL's draft, about twice as fast; it still entropy-decodes every byte).
+  width * height is checked from the header before decoding (--max-pixels). The default is PIL's own limit
+  (89,478,485): every kept image then opens in PIL without a DecompressionBombWarning, photos up to ~9,400 px square
+  are kept, and the worst full decode (a non-JPEG at the limit) needs ~270 MB of RGB per worker; lower it on hosts
+  with little memory per core. PIL itself refuses images over twice its limit, whatever --max-pixels says.
+
+Report (printed at the end, returned by main() and the API, stored in manifest.json)
+  Bad rows never stop a run: each is dropped and counted under one reason (keys starting with "dropped: ").
+  "zero-size image" is an empty file; PIL rejects a 0-pixel JPEG/PNG header itself, counted as undecodable.
+  Boxes are clipped to the image and dropped when not 4 numbers, NaN/inf, inverted (x2 < x1 or y2 < y1: another
+  convention such as xywh, not something to repair silently), or under 1 px wide or high after clipping; the row
+  stays. Box counts cover the rows that passed the row checks, before --dedup.
+
+--dedup drops exact duplicates (same image_sha256), keeping the first occurrence in input order, after all shards
+exist: one pass reads only the image_sha256 column of every shard and rewrites the shards holding later copies
+(peak ~250 bytes of memory per row, ~7.5 GB for 30M rows). It is idempotent, so restarts simply run it again.
+
+Python API (for scripts and the benchmark): convert_official(jsonl, image_root, out, workers=None, **options) and
+convert_pairs(input, image_root, out, workers=None, **options) take Options fields as keywords and return the
+report, which also has "seconds" and "rows/s" (input rows converted by this run per second). workers > 1 spawns
+processes, so call them from a script under `if __name__ == "__main__":`; workers=1 runs in-process.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
+import logging
 import math
+import multiprocessing
+import os
+import sys
+import time
+import warnings
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, as_completed, wait
+from dataclasses import asdict, dataclass, replace
+from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
+from tqdm import tqdm
 
-from brivl_ds.data.shards import Row, write_shards
+from brivl_ds.data.shards import MANIFEST, ROW_GROUP_BYTES, Row, ShardWriter, write_manifest
 
-MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit: larger images are dropped, not decoded
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when the same input and options would give different shards
+MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS
+SETTINGS = "convert-settings.json"
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # the only PIL plugins tried (JPEG also opens MPO)
+STORED_AS_IS = {"JPEG", "MPO", "PNG", "WEBP"}
+PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
+READ, WRITTEN = "rows read", "rows written"
+BAD_UTF8 = "dropped: invalid UTF-8"
+BAD_JSON = "dropped: invalid JSON"
+MALFORMED = "dropped: malformed row"
+NO_TEXT = "dropped: empty text"
+MISSING = "dropped: missing image file"
+UNREADABLE = "dropped: unreadable image file"
+ZERO_SIZE = "dropped: zero-size image"
+TOO_LARGE = "dropped: image too large"
+UNDECODABLE = "dropped: undecodable image"
+DUPLICATE = "dropped: duplicate image"
+UNEXPECTED = "dropped: unexpected error"
+REENCODED = "re-encoded to PNG"
+BAD_BOXES_FIELD = "rows with an invalid boxes field"
+BOXES_READ, BOXES_KEPT, BOXES_CLIPPED = "boxes read", "boxes kept", "boxes clipped"
+BOX_NOT_NUMBERS = "boxes dropped: not 4 numbers"
+BOX_NOT_FINITE = "boxes dropped: NaN/inf"
+BOX_INVERTED = "boxes dropped: inverted"
+BOX_EMPTY = "boxes dropped: under 1 px after clipping"
+COUNTS = [READ, WRITTEN, BAD_UTF8, BAD_JSON, MALFORMED, NO_TEXT, MISSING, UNREADABLE, ZERO_SIZE, TOO_LARGE,
+          UNDECODABLE, DUPLICATE, UNEXPECTED, REENCODED, BAD_BOXES_FIELD, BOXES_READ, BOXES_KEPT, BOXES_CLIPPED,
+          BOX_NOT_NUMBERS, BOX_NOT_FINITE, BOX_INVERTED, BOX_EMPTY]
 
 
-def resolve_image(root: Path, image_id: str) -> Path | None:
-    for candidate in (root / image_id, root / Path(image_id).name):
-        if candidate.is_file():
-            return candidate
+class Drop(Exception):
+    """A row that cannot be converted; `reason` is its report key."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConvertError(Exception):
+    """A problem with the command itself (input, columns, --out): reported without a traceback."""
+
+
+class SettingsMismatch(ConvertError):
+    """--out holds a conversion made with other settings: resuming it would mix two outputs."""
+
+
+@dataclass(frozen=True)
+class Options:
+    kind: str  # "official" or "pairs"
+    input: Path
+    image_root: Path
+    out: Path
+    text_kind: str = "sur_text"  # official
+    image_column: str = "image"  # pairs
+    text_column: str = "caption"
+    boxes_column: str = "boxes"
+    rows_per_shard: int = 10_000
+    dedup: bool = False
+    max_pixels: int = MAX_PIXELS
+    row_group_bytes: int = ROW_GROUP_BYTES
+    source: str = ""  # default: the input's file name
+    header: tuple[str, ...] = ()  # CSV/TSV column names, read by the parent
+    data_offset: int = 0  # where the rows start (after a CSV header)
+
+    @property
+    def format(self) -> str:
+        if self.kind == "official":
+            return "jsonl"
+        suffix = self.input.suffix.lower()
+        if suffix in (".csv", ".tsv"):
+            return suffix[1:]
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            return "jsonl"
+        raise ConvertError(f"pairs input must end in .csv, .tsv or .jsonl: {self.input}")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    n: int  # shard number
+    offset: int  # byte offset of its first row
+    rows: int  # input rows in it
+
+
+@dataclass
+class Pair:
+    """One parsed input row, before its image is read."""
+    id: str
+    images: list[Path]  # candidate paths, first existing one wins
+    text: str
+    texts: list[dict]
+    boxes: object  # raw boxes value, cleaned once the image size is known
+
+
+# ---------------------------------------------------------------- reading input rows
+
+def _jsonl_rows(f, offset: int) -> Iterator[tuple[int, bytes]]:
+    """(end offset, line) of every non-blank line from `offset`."""
+    f.seek(offset)
+    end = offset
+    for line in f:
+        end += len(line)
+        if line.strip():
+            yield end, line
+
+
+def _csv_rows(f, offset: int, tsv: bool) -> Iterator[tuple[int, list[str] | None]]:
+    """(end offset, fields) of every CSV record from `offset`; fields is None for a record csv cannot parse.
+    Lines are decoded with surrogateescape so one bad byte only spoils its own row."""
+    end = offset
+
+    def lines():
+        nonlocal end
+        for raw in f:
+            end += len(raw)  # the reader pulls exactly the lines of one record, so `end` is where it stops
+            yield raw.decode("utf-8", "surrogateescape")
+
+    f.seek(offset)
+    reader = csv.reader(lines(), delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(lines())
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:  # e.g. a quote left open ran past the field size limit; the reader restarts cleanly
+            yield end, None
+            continue
+        if fields:  # blank lines are not rows
+            yield end, fields
+
+
+def input_rows(opts: Options, f, offset: int) -> Iterator[tuple[int, object]]:
+    if opts.format == "jsonl":
+        return _jsonl_rows(f, offset)
+    return _csv_rows(f, offset, opts.format == "tsv")
+
+
+def read_header(opts: Options) -> Options:
+    """For CSV/TSV: the column names and where the rows start; checks the named columns exist."""
+    if opts.format == "jsonl":
+        return opts
+    with open(opts.input, "rb") as f:
+        end, header = next(input_rows(opts, f, 0), (0, None))
+    if not header:
+        raise ConvertError(f"{opts.input}: no header row")
+    header = [header[0].removeprefix("\ufeff"), *header[1:]]  # a BOM from spreadsheet exports
+    missing = [c for c in (opts.image_column, opts.text_column) if c not in header]
+    if missing:
+        raise ConvertError(f"{opts.input}: no column {missing} in header {header}")
+    return replace(opts, header=tuple(header), data_offset=end)
+
+
+def scan_chunks(opts: Options) -> Iterator[Chunk]:
+    """Every chunk of rows_per_shard input rows, streaming the input once."""
+    with open(opts.input, "rb") as f:
+        n, count, start = 0, 0, opts.data_offset
+        for end, _ in input_rows(opts, f, opts.data_offset):
+            count += 1
+            if count == opts.rows_per_shard:
+                yield Chunk(n, start, count)
+                n, count, start = n + 1, 0, end
+        if count:
+            yield Chunk(n, start, count)
+
+
+# ---------------------------------------------------------------- parsing rows
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Drop(BAD_UTF8) from None
+    try:
+        record = json.loads(line.lstrip("\ufeff"))
+    except (ValueError, RecursionError):
+        raise Drop(BAD_JSON) from None
+    if not isinstance(record, dict):
+        raise Drop(MALFORMED)
+    return record
+
+
+def _is_sentences(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in value)
+
+
+def parse_official(raw: bytes, opts: Options) -> Pair:
+    record = _json_object(raw)
+    image_id, sentences = record.get("image_id"), record.get("sentences")
+    if not isinstance(image_id, str) or not image_id or not _is_sentences(sentences):
+        raise Drop(MALFORMED)
+    text = next((t for kind, t in sentences if kind == opts.text_kind), "")
+    texts = [{"kind": kind, "text": t} for kind, t in sentences]
+    candidates = [opts.image_root / image_id, opts.image_root / Path(image_id).name]
+    return Pair(image_id, candidates, text, texts, record.get("bbox"))
+
+
+def _pair(opts: Options, path, caption, boxes) -> Pair:
+    if not isinstance(path, str) or not path:
+        raise Drop(MALFORMED)
+    caption = "" if caption is None else caption
+    if not isinstance(caption, str):
+        raise Drop(MALFORMED)
+    texts = [{"kind": opts.text_column, "text": caption}]
+    return Pair(path, [opts.image_root / path], caption, texts, boxes)
+
+
+def parse_pairs_jsonl(raw: bytes, opts: Options) -> Pair:
+    record = _json_object(raw)
+    return _pair(opts, record.get(opts.image_column), record.get(opts.text_column), record.get(opts.boxes_column))
+
+
+def parse_pairs_csv(fields: list[str] | None, opts: Options) -> Pair:
+    if fields is None or len(fields) != len(opts.header):
+        raise Drop(MALFORMED)
+    if not all(_valid_utf8(f) for f in fields):
+        raise Drop(BAD_UTF8)
+    record = dict(zip(opts.header, fields))
+    return _pair(opts, record[opts.image_column], record[opts.text_column], record.get(opts.boxes_column) or None)
+
+
+def parse(record, opts: Options) -> Pair:
+    if opts.kind == "official":
+        return parse_official(record, opts)
+    return parse_pairs_jsonl(record, opts) if opts.format == "jsonl" else parse_pairs_csv(record, opts)
+
+
+def _valid_utf8(s: str) -> bool:
+    """False for lone surrogates: bytes that were not UTF-8 (surrogateescape) or JSON escapes such as \\ud800."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+# ---------------------------------------------------------------- images
+
+def read_image(candidates: list[Path]) -> bytes:
+    for path in candidates:
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:  # permission denied, a directory, I/O error
+            raise Drop(UNREADABLE) from None
+        except ValueError:  # a NUL byte in the path
+            raise Drop(MALFORMED) from None
+    raise Drop(MISSING)
+
+
+def check_image(data: bytes, max_pixels: int) -> tuple[bytes, int, int, bool]:
+    """(bytes to store, width, height, re-encoded) of an image that fully decodes; raises Drop otherwise."""
+    if not data:
+        raise Drop(ZERO_SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+        try:
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+        except Image.DecompressionBombError:
+            raise Drop(TOO_LARGE) from None
+        except Exception:
+            raise Drop(UNDECODABLE) from None
+        with image:
+            width, height = image.size  # raw orientation, from the header
+            if width <= 0 or height <= 0:
+                raise Drop(ZERO_SIZE)
+            if width * height > max_pixels:
+                raise Drop(TOO_LARGE)
+            try:
+                if image.format in ("JPEG", "MPO"):
+                    image.draft(image.mode, (1, 1))  # decode at 1/8 scale: truncation still raises
+                image.load()
+                if image.format in STORED_AS_IS:
+                    return data, width, height, False
+                return _png(image), width, height, True
+            except Exception:
+                raise Drop(UNDECODABLE) from None
+
+
+def _png(image: Image.Image) -> bytes:
+    if image.mode not in PNG_MODES:
+        image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- boxes
+
+def clean_box(box, width: int, height: int) -> tuple[list[float] | None, str | None]:
+    """A box clipped to the image: (box, None), (clipped box, BOXES_CLIPPED), or (None, the reason it is dropped)."""
+    if not (isinstance(box, list) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        return None, BOX_NOT_NUMBERS
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except OverflowError:  # an integer too large for a float
+        return None, BOX_NOT_FINITE
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return None, BOX_NOT_FINITE
+    if x2 < x1 or y2 < y1:
+        return None, BOX_INVERTED
+    clipped = [min(max(x1, 0.0), width), min(max(y1, 0.0), height),
+               min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
+    if clipped[2] - clipped[0] < 1 or clipped[3] - clipped[1] < 1:
+        return None, BOX_EMPTY
+    return clipped, BOXES_CLIPPED if clipped != [x1, y1, x2, y2] else None
+
+
+def clean_boxes(raw, width: int, height: int, report: Counter) -> list[list[float]]:
+    if isinstance(raw, str):  # CSV, or a JSONL file that stores boxes as a JSON string
+        try:
+            raw = json.loads(raw) if raw.strip() else None
+        except (ValueError, RecursionError):
+            report[BAD_BOXES_FIELD] += 1
+            return []
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        report[BAD_BOXES_FIELD] += 1
+        return []
+    kept = []
+    for box in raw:
+        report[BOXES_READ] += 1
+        box, note = clean_box(box, width, height)
+        if note:
+            report[note] += 1
+        if box is not None:
+            report[BOXES_KEPT] += 1
+            kept.append(box)
+    return kept
+
+
+# ---------------------------------------------------------------- one chunk -> one shard (in a worker)
+
+def to_row(pair: Pair, opts: Options, report: Counter) -> Row:
+    strings = [pair.id, *(t[k] for t in pair.texts for k in ("kind", "text"))]
+    if not all(_valid_utf8(s) for s in strings):
+        raise Drop(BAD_UTF8)
+    text = pair.text.strip()
+    if not text:
+        raise Drop(NO_TEXT)
+    image, width, height, reencoded = check_image(read_image(pair.images), opts.max_pixels)
+    report[REENCODED] += reencoded
+    boxes = clean_boxes(pair.boxes, width, height, report)
+    return Row(id=pair.id, image=image, width=width, height=height, text=text, boxes=boxes, texts=pair.texts,
+               source=opts.source)
+
+
+def shard_name(n: int) -> str:
+    return f"part-{n:05d}.parquet"
+
+
+def sidecar_path(out: Path, n: int) -> Path:
+    return out / f"part-{n:05d}.json"
+
+
+def _finish(writer: ShardWriter) -> dict | None:
+    """Close a shard; an empty one is removed (None) so readers never see a file without row groups."""
+    entry = writer.close()
+    if entry["rows"] == 0:
+        writer.path.unlink()
+        return None
+    return entry
+
+
+def _write_json(path: Path, body: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+_progress = None  # in a worker: the shared row counter the parent shows in its progress bar
+
+
+def _init_worker(counter) -> None:
+    global _progress
+    _progress = counter
+    pa.set_cpu_count(1)  # one process per core already
+
+
+def _tick(rows: int) -> None:
+    if _progress is not None and rows:
+        with _progress.get_lock():
+            _progress.value += rows
+
+
+def _row_or_none(record, opts: Options, report: Counter, where: str) -> Row | None:
+    """The converted row, or None with the reason counted."""
+    try:
+        return to_row(parse(record, opts), opts, report)
+    except Drop as drop:
+        report[drop.reason] += 1
+    except Exception as err:  # a bug must not cost a 30M-row run: counted, logged, visible in the report
+        log.warning("%s: unexpected %r", where, err)
+        report[UNEXPECTED] += 1
     return None
 
 
-def clean_boxes(boxes, width: int, height: int) -> tuple[list[list[float]], int]:
-    """Clip [x1, y1, x2, y2] boxes to the image; returns (kept boxes, number dropped)."""
-    kept, dropped = [], 0
-    for box in boxes or []:
-        try:
-            x1, y1, x2, y2 = (float(v) for v in box)
-        except (TypeError, ValueError):
-            dropped += 1
-            continue
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            dropped += 1
-            continue
-        x1, x2 = sorted((min(max(x1, 0.0), width), min(max(x2, 0.0), width)))
-        y1, y2 = sorted((min(max(y1, 0.0), height), min(max(y2, 0.0), height)))
-        if x2 - x1 < 1 or y2 - y1 < 1:
-            dropped += 1
-            continue
-        kept.append([x1, y1, x2, y2])
-    return kept, dropped
-
-
-def convert_official(jsonl: Path, image_root: Path, text_kind: str = "sur_text") -> tuple[list[Row], Counter]:
-    rows: list[Row] = []
+def convert_chunk(opts: Options, chunk: Chunk) -> dict:
+    """Convert one chunk to its shard and sidecar; returns the sidecar."""
     report: Counter = Counter()
-    with open(jsonl, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            report["read"] += 1
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                report["dropped: invalid JSON or UTF-8"] += 1
-                continue
-            texts = [{"kind": str(k), "text": str(t)} for k, t in record.get("sentences", []) if isinstance(t, str)]
-            text = next((t["text"] for t in texts if t["kind"] == text_kind), "").strip()
-            if not text:
-                report[f"dropped: no non-empty {text_kind}"] += 1
-                continue
-            path = resolve_image(image_root, str(record.get("image_id", "")))
-            if path is None:
-                report["dropped: image file missing"] += 1
-                continue
-            data = path.read_bytes()
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    width, height = image.size
-                    if width * height > MAX_PIXELS or width == 0 or height == 0:
-                        report["dropped: zero-size or oversized image"] += 1
-                        continue
-                    image.load()  # decode fully: catches truncated files
-            except Exception:
-                report["dropped: undecodable image"] += 1
-                continue
-            boxes, bad_boxes = clean_boxes(record.get("bbox"), width, height)
-            report["boxes dropped (NaN/degenerate/outside)"] += bad_boxes
-            rows.append(Row(id=str(record.get("image_id")), image=data, width=width, height=height, text=text,
-                            boxes=boxes, texts=texts, source=jsonl.name))
-            report["written"] += 1
-    return rows, report
+    writer = ShardWriter(opts.out / shard_name(chunk.n), opts.row_group_bytes)
+    with open(opts.input, "rb") as f:
+        for i, (_, record) in enumerate(islice(input_rows(opts, f, chunk.offset), chunk.rows), 1):
+            if i % 64 == 0:
+                _tick(64)
+            report[READ] += 1
+            row = _row_or_none(record, opts, report, f"chunk {chunk.n} row {i}")
+            if row is not None:
+                writer.add(row)
+                report[WRITTEN] += 1
+    _tick(chunk.rows % 64)
+    sidecar = {"chunk": chunk.n, "offset": chunk.offset, "input_rows": chunk.rows, "entry": _finish(writer),
+               "report": dict(report)}
+    _write_json(sidecar_path(opts.out, chunk.n), sidecar)  # after the shard: a sidecar means the shard is done
+    return sidecar
 
 
-def main(argv: list[str] | None = None) -> Counter:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jsonl", type=Path, required=True)
-    parser.add_argument("--image-root", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--text-kind", default="sur_text")
-    parser.add_argument("--rows-per-shard", type=int, default=10_000)
+def finished_sidecar(out: Path, chunk: Chunk) -> dict | None:
+    """The chunk's sidecar when it and the shard on disk agree (the chunk needs no redoing), else None."""
+    try:
+        sidecar = json.loads(sidecar_path(out, chunk.n).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if (sidecar.get("offset"), sidecar.get("input_rows")) != (chunk.offset, chunk.rows):
+        return None
+    shard, entry = out / shard_name(chunk.n), sidecar.get("entry")
+    if entry is None:
+        return None if shard.exists() else sidecar
+    return sidecar if shard.is_file() and shard.stat().st_size == entry["bytes"] else None
+
+
+# ---------------------------------------------------------------- exact-duplicate removal
+
+def find_duplicates(out: Path, sidecars: dict[int, dict]) -> dict[int, list[int]]:
+    """{shard number: row indices} of every row whose image_sha256 appeared earlier in input order."""
+    parts = []
+    for n in sorted(sidecars):
+        if sidecars[n]["entry"]:
+            sha = pq.read_table(out / sidecars[n]["entry"]["path"], columns=["image_sha256"]).column(0)
+            order = pa.array((n << 32) + np.arange(len(sha), dtype=np.int64))  # shard, then row: input order
+            parts.append(pa.table({"sha": sha, "order": order}))
+    if not parts:
+        return {}
+    table = pa.concat_tables(parts)
+    first = table.group_by("sha").aggregate([("order", "min")]).column("order_min")
+    later = table.filter(pc.invert(pc.is_in(table["order"], value_set=first)))["order"].to_numpy()
+    shards, starts = np.unique(later >> 32, return_index=True)  # `later` is sorted: one run per shard
+    rows = np.split(later & 0xFFFFFFFF, starts[1:])
+    return {int(n): r.tolist() for n, r in zip(shards, rows)}
+
+
+def drop_rows(opts: Options, sidecar: dict, rows: list[int]) -> dict:
+    """Rewrite one shard without the given rows (one row group in memory at a time); returns the new sidecar."""
+    path, drop = opts.out / sidecar["entry"]["path"], set(rows)
+    writer = ShardWriter(path, opts.row_group_bytes)
+    index = 0
+    with pq.ParquetFile(path) as shard:
+        for g in range(shard.num_row_groups):
+            for record in shard.read_row_group(g).to_pylist():
+                if index not in drop:
+                    writer.add(Row(**record))
+                index += 1
+    report = Counter(sidecar["report"])
+    report[DUPLICATE] += len(drop)
+    report[WRITTEN] -= len(drop)
+    new = {**sidecar, "entry": _finish(writer), "report": dict(report)}
+    _write_json(sidecar_path(opts.out, sidecar["chunk"]), new)
+    return new
+
+
+# ---------------------------------------------------------------- the run
+
+class _Inline(Executor):
+    """--workers 1: run in this process (simple tracebacks, a debugger works)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:
+            future.set_exception(err)
+        return future
+
+
+def settings_of(opts: Options) -> dict:
+    """What the output depends on: the input file as it is now and every option except --out and --workers."""
+    stat = opts.input.stat()
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items() if k != "out"}
+    options["header"] = list(opts.header)
+    return {"converter": VERSION, **options, "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
+
+
+def prepare_out(opts: Options) -> dict:
+    """Create or resume --out: refuse other settings, discard partial files and the (now stale) manifest."""
+    out, settings = opts.out, settings_of(opts)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / SETTINGS).exists():
+        old = json.loads((out / SETTINGS).read_text())
+        changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(old.keys() | settings.keys())
+                   if old.get(k) != settings.get(k)]
+        if changed:
+            raise SettingsMismatch(f"{out} was converted with other settings ({'; '.join(changed)}); resuming "
+                                   f"would mix two outputs. Use a new --out, or delete {out} to start over.")
+    elif any(out.glob("part-*")) or (out / MANIFEST).exists():
+        raise SettingsMismatch(f"{out} holds shards but no {SETTINGS}: not a conversion this tool can resume. "
+                               f"Use an empty --out.")
+    else:
+        _write_json(out / SETTINGS, settings)
+    for partial in out.glob("*.tmp"):
+        partial.unlink()
+    (out / MANIFEST).unlink(missing_ok=True)
+    return settings
+
+
+def _convert_chunks(opts: Options, pool: Executor, counter, bar: tqdm, run: Counter) -> dict[int, dict]:
+    sidecars, pending = {}, set()
+    total = 0
+    for chunk in scan_chunks(opts):
+        total += chunk.rows
+        done = finished_sidecar(opts.out, chunk)
+        if done is None:
+            pending.add(pool.submit(convert_chunk, opts, chunk))
+        else:
+            sidecars[chunk.n], run["shards reused"] = done, run["shards reused"] + 1
+            with counter.get_lock():
+                counter.value += chunk.rows
+        bar.update(counter.value - bar.n)
+    bar.total = total
+    bar.refresh()
+    while pending:
+        finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        for future in finished:
+            sidecar = future.result()
+            sidecars[sidecar["chunk"]] = sidecar
+            run["shards converted"] += 1
+            run["converted rows"] += sidecar["input_rows"]
+        bar.update(counter.value - bar.n)
+    return sidecars
+
+
+def _dedup(opts: Options, pool: Executor, sidecars: dict[int, dict], run: Counter, progress: bool) -> None:
+    duplicates = find_duplicates(opts.out, sidecars)
+    futures = [pool.submit(drop_rows, opts, sidecars[n], rows) for n, rows in duplicates.items()]
+    for future in tqdm(as_completed(futures), total=len(futures), desc="dedup", unit="shard", disable=not progress):
+        sidecar = future.result()
+        sidecars[sidecar["chunk"]] = sidecar
+        run["shards rewritten by dedup"] += 1
+
+
+def total_report(sidecars: dict[int, dict]) -> dict:
+    totals: Counter = Counter()
+    for sidecar in sidecars.values():
+        totals.update(sidecar["report"])
+    return {**{key: totals[key] for key in COUNTS}, **{k: v for k, v in sorted(totals.items()) if k not in COUNTS}}
+
+
+def default_workers() -> int:
+    """Every core this process may run on (a batch scheduler's CPU set, not the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _spawnable() -> bool:
+    """Spawned workers re-import __main__ from its file; a script piped to python on stdin has none."""
+    main_file = getattr(sys.modules["__main__"], "__file__", None)
+    return main_file is None or os.path.exists(main_file)
+
+
+def convert(opts: Options, workers: int | None = None, progress: bool = True) -> dict:
+    """Convert (or resume converting) `opts.input` into `opts.out`; returns the report."""
+    started = time.perf_counter()
+    opts = replace(opts, input=opts.input.resolve(), image_root=opts.image_root.resolve(), out=Path(opts.out),
+                   source=opts.source or opts.input.name)
+    if not opts.input.is_file():
+        raise ConvertError(f"no such input file: {opts.input}")
+    if not opts.image_root.is_dir():
+        raise ConvertError(f"no such image root: {opts.image_root}")
+    if not _valid_utf8(opts.source):
+        raise ConvertError(f"--source must be valid UTF-8: {opts.source!r}")
+    workers = workers or default_workers()
+    if workers > 1 and not _spawnable():
+        raise ConvertError("workers > 1 spawns processes, which re-import __main__, and __main__ is not a file "
+                           "here (stdin?): run from a script file, or use workers=1")
+    opts = read_header(opts)
+    settings = prepare_out(opts)
+    context = multiprocessing.get_context("spawn")  # fork after pyarrow started threads can deadlock
+    counter = context.Value("q", 0)
+    pool = _Inline() if workers == 1 else ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(counter,))
+    run: Counter = Counter()
+    try:
+        with tqdm(desc="convert", unit="rows", disable=not progress, smoothing=0.05) as bar:
+            sidecars = _convert_chunks(opts, pool, counter, bar, run)
+        if opts.dedup:
+            _dedup(opts, pool, sidecars, run, progress)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    report = total_report(sidecars)
+    entries = [sidecars[n]["entry"] for n in sorted(sidecars) if sidecars[n]["entry"]]
+    write_manifest(opts.out, entries, report=report, converter=settings)
+    seconds = time.perf_counter() - started
+    return {**report, "shards": len(entries), **{k: run[k] for k in
+            ("shards converted", "shards reused", "shards rewritten by dedup")},
+            "seconds": round(seconds, 3), "rows/s": round(run["converted rows"] / seconds, 1)}
+
+
+def convert_official(jsonl: str | Path, image_root: str | Path, out: str | Path, *, workers: int | None = None,
+                     progress: bool = False, **options) -> dict:
+    """Official BriVL JSONL -> shards; options are Options fields (text_kind, rows_per_shard, dedup, ...)."""
+    return convert(Options("official", Path(jsonl), Path(image_root), Path(out), **options), workers, progress)
+
+
+def convert_pairs(input: str | Path, image_root: str | Path, out: str | Path, *, workers: int | None = None,
+                  progress: bool = False, **options) -> dict:
+    """CSV/TSV/JSONL image-caption pairs -> shards; options are Options fields (image_column, dedup, ...)."""
+    return convert(Options("pairs", Path(input), Path(image_root), Path(out), **options), workers, progress)
+
+
+def format_report(report: dict) -> str:
+    return "\n".join(f"{key:<42} {value:>14,}" if isinstance(value, int) else f"{key:<42} {value:>14,.1f}"
+                     for key, value in report.items())
+
+
+# ---------------------------------------------------------------- command line
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--image-root", type=Path, required=True, help="image paths are relative to this")
+    common.add_argument("--out", type=Path, required=True, help="shard directory (created; resumed if it exists)")
+    common.add_argument("--workers", type=_positive, default=default_workers(), help="processes (default: every core)")
+    common.add_argument("--rows-per-shard", type=_positive, default=10_000, help="input rows per shard")
+    common.add_argument("--dedup", action="store_true", help="drop exact duplicate images, keep the first")
+    common.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, help="drop larger images undecoded")
+    common.add_argument("--row-group-bytes", type=_positive, default=ROW_GROUP_BYTES, help="image bytes per row group")
+    common.add_argument("--source", default="", help="the `source` column (default: the input file name)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser = argparse.ArgumentParser(prog="python -m brivl_ds.data.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    official = kinds.add_parser("official", parents=[common], help="official BriVL JSONL")
+    official.add_argument("--jsonl", type=Path, required=True)
+    official.add_argument("--text-kind", default="sur_text", help="the sentence kind the text tower reads")
+    pairs = kinds.add_parser("pairs", parents=[common], help="CSV/TSV/JSONL of image path, caption, boxes")
+    pairs.add_argument("--input", type=Path, required=True, help=".csv, .tsv or .jsonl")
+    pairs.add_argument("--image-column", default="image")
+    pairs.add_argument("--text-column", default="caption")
+    pairs.add_argument("--boxes-column", default="boxes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    rows, report = convert_official(args.jsonl, args.image_root, args.text_kind)
-    write_shards(rows, args.out, args.rows_per_shard)
-    for reason, count in sorted(report.items()):
-        print(f"{reason:<45} {count}")
+    common = dict(rows_per_shard=args.rows_per_shard, dedup=args.dedup, max_pixels=args.max_pixels,
+                  row_group_bytes=args.row_group_bytes, source=args.source)
+    if args.kind == "official":
+        opts = Options("official", args.jsonl, args.image_root, args.out, text_kind=args.text_kind, **common)
+    else:
+        opts = Options("pairs", args.input, args.image_root, args.out, image_column=args.image_column,
+                       text_column=args.text_column, boxes_column=args.boxes_column, **common)
+    try:
+        report = convert(opts, args.workers, progress=not args.no_progress)
+    except ConvertError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(format_report(report))
     return report
 
 

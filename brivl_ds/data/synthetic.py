@@ -22,7 +22,7 @@ COLOURS = {"红色": (220, 40, 40), "绿色": (40, 170, 60), "蓝色": (40, 80, 
 BACKGROUNDS = {"白色": (245, 245, 245), "灰色": (128, 128, 128), "黑色": (20, 20, 20), "米色": (225, 210, 180)}
 SHAPES = ["圆形", "正方形", "三角形", "菱形", "十字形"]
 SIZES = {"大": (0.30, 0.42), "小": (0.14, 0.22)}
-VERSION = 1
+VERSION = 2  # 2: shards carry image_sha256 and row-group sizes in the manifest
 
 
 def _polygon(shape: str, x: float, y: float, s: float) -> list[tuple[float, float]] | None:
