@@ -111,6 +111,10 @@ class OptimConfig:
 class AugmentConfig:
     crop_scale_min: float = 1.0
     """Random crop keeps at least this share of the image area (1.0 = no crop)."""
+    crop_ratio_min: float = 3 / 4
+    """Aspect-ratio (width / height) range of the random crop, sampled log-uniformly like torchvision's
+    RandomResizedCrop; the crop is then resized to a square."""
+    crop_ratio_max: float = 4 / 3
     hflip_prob: float = 0.0
     blur_prob: float = 0.0
     grayscale_prob: float = 0.0
@@ -130,6 +134,12 @@ class DataConfig:
     batch_size: int = 16
     """Micro-batch per data-parallel rank; the global batch is batch_size x ranks x grad_accum_steps."""
     num_workers: int = 0
+    """DataLoader worker processes per rank (decode + augment + tokenise); 0 = in the training process."""
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead."""
+    shuffle_block_rows: int = 1024
+    """Rows shuffled together within a rank's span of an epoch (on top of the per-epoch row-group order); a worker
+    holds about this many encoded images in memory."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     grid_boxes: int = 0
     """Rows without boxes get a g x g grid of boxes (the official later version uses 6); 0 = whole image only."""
