@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         text = torch.from_numpy(np.load(args.embeddings[1]))
         result = recall_at_k(image, text)
     else:
-        from brivl_ds.data.dataset import Collator, PairDataset
+        from brivl_ds.data.build import build_collator, build_eval_set
         from brivl_ds.distributed import DistInfo
         from brivl_ds.evaluation import evaluate_retrieval
 
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = args.data or cfg.data.eval_path
         if not data:
             raise ValueError("the run has no eval_path; pass --data")
-        dataset = PairDataset(data, cfg.model.image.image_size, cfg.model.image.max_boxes, cfg.data.augment,
-                              train=False, grid=cfg.data.grid_boxes)
-        result = evaluate_retrieval(model, dataset, Collator(tokenizer, cfg.model.text.max_length),
+        result = evaluate_retrieval(model, build_eval_set(cfg, data), build_collator(cfg, tokenizer),
                                     args.batch_size, info, torch.float32)
     text_out = json.dumps(result, indent=1)
     print(text_out)

@@ -24,8 +24,8 @@ def encode(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: D
     rows = torch.tensor_split(torch.arange(len(dataset)), info.world)[info.rank].tolist()
     per_rank = -(-len(dataset) // info.world)
     padded = rows + [rows[-1] if rows else 0] * (per_rank - len(rows))
-    loader = DataLoader([(i, 0) for i in padded], batch_size=batch_size, shuffle=False,
-                        collate_fn=lambda items: collate([dataset[it] for it in items]))
+    loader = DataLoader(padded, batch_size=batch_size, shuffle=False,
+                        collate_fn=lambda items: collate([dataset[i] for i in items]))
     image, text = [], []
     for batch, _ in loader:
         batch = batch.to(info.device, dtype=dtype)

@@ -6,9 +6,10 @@ One optimizer step (`train_step`), read top to bottom:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import deepspeed
@@ -19,7 +20,9 @@ from tqdm import tqdm
 
 from brivl_ds.checkpoint import gather_objects, latest_tag, rng_state, set_rng_state
 from brivl_ds.config import Config
-from brivl_ds.data.dataset import Collator, DistributedBatchSampler, PairDataset
+from brivl_ds.data.build import build_collator, build_eval_set, build_train_stream
+from brivl_ds.data.dataset import PairDataset
+from brivl_ds.data.stream import StreamState
 from brivl_ds.data.synthetic import ensure_shapes_dataset, shapes_dataset_paths
 from brivl_ds.data.tokenizer import load_tokenizer
 from brivl_ds.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
@@ -37,10 +40,13 @@ from brivl_ds.optim import build_optimizer, build_scheduler
 class Position:
     """Where training stands; saved in every checkpoint."""
     step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     samples: int = 0  # global samples seen
-    skipped_rows: int = 0  # undecodable rows replaced, all ranks
+    skipped_rows: int = 0  # rows that failed at read time and were replaced, all ranks
+    data: StreamState = field(default_factory=StreamState)  # epoch, micro-batches of it consumed, layout
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Position":
+        return cls(**{**state, "data": StreamState(**state["data"])})
 
 
 def resolve_data(cfg: Config, info: DistInfo) -> None:
@@ -69,13 +75,10 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
 
         self.tokenizer = load_tokenizer(cfg.model.text.tokenizer_path or cfg.model.text.pretrained_path)
-        self.train_set = PairDataset(cfg.data.train_path, cfg.model.image.image_size, cfg.model.image.max_boxes,
-                                     cfg.data.augment, train=True, grid=cfg.data.grid_boxes)
-        self.sampler = DistributedBatchSampler(len(self.train_set), cfg.data.batch_size, self.info.rank,
-                                               self.info.world, seed=cfg.train.seed)
-        self.collate = Collator(self.tokenizer, cfg.model.text.max_length)
+        self.collate = build_collator(cfg, self.tokenizer)
+        self.stream = build_train_stream(cfg, self.collate, self.info.rank, self.info.world)
         self.eval_set: PairDataset | None = None
-        steps_per_epoch = self.sampler.batches_per_epoch // cfg.train.grad_accum_steps
+        steps_per_epoch = self.stream.batches_per_epoch // cfg.train.grad_accum_steps
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
 
         model = BriVLMoCo(BriVL(cfg.model, vocab_size=len(self.tokenizer)), cfg.moco)
@@ -128,12 +131,17 @@ class Trainer:
         self.engine.train()
         t_last, samples_last = time.perf_counter(), self.pos.samples
         while self.pos.step < self.total_steps and self.pos.step != cfg.train.stop_at_step:
-            self.sampler.set_position(self.pos.epoch, self.pos.batch_in_epoch)
-            loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=self.collate,
-                                num_workers=cfg.data.num_workers, persistent_workers=False)
-            for batch, meta in loader:
+            if self.pos.data.batch_in_epoch == 0:  # a fresh epoch is laid out for the workers we have now
+                self.stream.start_epoch(self.pos.data.epoch, cfg.data.num_workers)
+            else:  # mid-epoch resume: the rest of the epoch as it was laid out
+                self.stream.set_position(self.pos.data)
+            self.pos.data = self.stream.state
+            for batch, meta in self._loader():
+                if meta["position"] != self.pos.data.batch_in_epoch:  # the exact-resume guarantee, checked
+                    raise RuntimeError(f"data loader yielded batch {meta['position']} of epoch "
+                                       f"{self.pos.data.epoch}, expected {self.pos.data.batch_in_epoch}")
                 stats = self.train_step(batch, meta["skipped"])
-                self.pos.batch_in_epoch += 1
+                self.pos.data.batch_in_epoch += 1
                 self.pos.samples += len(batch) * self.info.world
                 self.pos.skipped_rows += stats.pop("skipped")
                 if not stats["boundary"]:
@@ -156,8 +164,7 @@ class Trainer:
                 if self.pos.step >= self.total_steps or self.pos.step == cfg.train.stop_at_step:
                     break
             else:  # epoch exhausted
-                self.pos.epoch += 1
-                self.pos.batch_in_epoch = 0
+                self.pos.data = StreamState(epoch=self.pos.data.epoch + 1)
         bar.close()
         self.save()
         finished = self.pos.step >= self.total_steps
@@ -170,6 +177,12 @@ class Trainer:
         return result
 
     # ----------------------------------------------------------------------------------------------- utilities
+    def _loader(self) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        return DataLoader(self.stream, batch_size=None, num_workers=workers,
+                          prefetch_factor=self.cfg.data.prefetch_factor if workers else None,
+                          pin_memory=self.info.device.type == "cuda", persistent_workers=False)
+
     def _grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
@@ -177,7 +190,7 @@ class Trainer:
     def _log(self, stats: dict) -> None:
         if not self.info.is_main:
             return
-        record = {"step": self.pos.step, "epoch": self.pos.epoch, **{k: v for k, v in stats.items()
+        record = {"step": self.pos.step, "epoch": self.pos.data.epoch, **{k: v for k, v in stats.items()
                                                                      if k != "boundary"}}
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -189,9 +202,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if self.eval_set is None:  # read the held-out shards once, on first use
-            self.eval_set = PairDataset(self.cfg.data.eval_path, self.cfg.model.image.image_size,
-                                        self.cfg.model.image.max_boxes, self.cfg.data.augment, train=False,
-                                        grid=self.cfg.data.grid_boxes)
+            self.eval_set = build_eval_set(self.cfg, self.cfg.data.eval_path)
         result = evaluate_retrieval(self.model.online, self.eval_set, self.collate, self.cfg.data.batch_size,
                                     self.info, self.dtype)
         self.last_eval, self.last_eval_step = result, self.pos.step
@@ -204,7 +215,7 @@ class Trainer:
 
     def save(self) -> None:
         state = {
-            "position": vars(self.pos).copy(),
+            "position": dataclasses.asdict(self.pos),
             "image_queue": self.image_queue.shard_state(self.info.rank, self.info.world),
             "text_queue": self.text_queue.shard_state(self.info.rank, self.info.world),
             "momentum_fp32": self.momentum.state_dict(),
@@ -224,7 +235,7 @@ class Trainer:
         path, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise FileNotFoundError(f"could not load checkpoint {ckpt_dir}/{tag}")
-        self.pos = Position(**state["position"])
+        self.pos = Position.from_dict(state["position"])
         self.momentum.load_state_dict(state["momentum_fp32"])
         shards = gather_objects((state["image_queue"], state["text_queue"]))
         self.image_queue.load_shards([s[0] for s in shards])

@@ -1,5 +1,8 @@
 """End to end through the real launcher: the quick start (train, checkpoint, evaluate), the eval command on its
-checkpoint, and resume equivalence: 2N steps == N steps + a new process + N steps, exactly (fp32, CPU)."""
+checkpoint, and resume equivalence: 2N steps == N steps + a new process + N steps, exactly (fp32, CPU).
+
+The runs train from shards made by the converter (`convert pairs`) out of image files and a JSONL, with DataLoader
+workers, so the whole data path is the one a user's crawl takes."""
 import json
 import os
 import subprocess
@@ -32,9 +35,28 @@ def losses(out_dir):
 
 
 @pytest.fixture(scope="module")
-def full_run(shapes_data, tmp_path_factory):
+def converted(shapes_data, tmp_path_factory):
+    """The built-in train split exported as image files + a pairs JSONL, then converted like a crawl would be."""
+    from brivl_ds.data.convert import main as convert
+    from brivl_ds.data.shards import read_table
+
+    root = tmp_path_factory.mktemp("crawl")
+    (root / "images").mkdir()
+    with open(root / "pairs.jsonl", "w") as f:
+        for row in read_table(shapes_data["train"]).to_pylist():
+            (root / "images" / f"{row['id']}.jpg").write_bytes(row["image"])
+            f.write(json.dumps({"image": f"{row['id']}.jpg", "caption": row["text"], "boxes": row["boxes"]},
+                               ensure_ascii=False) + "\n")
+    report = convert(["pairs", "--input", str(root / "pairs.jsonl"), "--image-root", str(root / "images"),
+                      "--out", str(root / "shards"), "--rows-per-shard", "100", "--workers", "2", "--no-progress"])
+    assert report["rows written"] == 256
+    return {**shapes_data, "train": root / "shards"}
+
+
+@pytest.fixture(scope="module")
+def full_run(converted, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    log = launch(out, shapes_data)
+    log = launch(out, converted, "data.num_workers=2")
     return out, log
 
 
@@ -65,11 +87,12 @@ def test_eval_command_on_the_checkpoint_reproduces_the_run_eval(full_run, tmp_pa
         assert offline[key] == pytest.approx(during[key]), key
 
 
-def test_resume_after_restart_gives_the_same_losses(full_run, shapes_data, tmp_path):
+def test_resume_after_restart_gives_the_same_losses(full_run, converted, tmp_path):
     out, _ = full_run
-    first = launch(tmp_path, shapes_data, f"train.stop_at_step={N}")
+    first = launch(tmp_path, converted, f"train.stop_at_step={N}", "data.num_workers=2")
     assert "eval @" not in first  # stopped early: checkpointed, not finished
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step{N}"
-    second = launch(tmp_path, shapes_data)  # a new process: resumes from the latest checkpoint
+    # a new process, with a different number of DataLoader workers: resumes mid-epoch from the latest checkpoint
+    second = launch(tmp_path, converted, "data.num_workers=0")
     assert f"resumed from {tmp_path}/checkpoints/step{N} at step {N}" in second
     assert losses(tmp_path) == losses(out)  # exactly: fp32 on CPU

@@ -60,7 +60,8 @@ def _zero3_worker(rank, world, data, out_dir, kernels):
 
     trainer = Trainer(make_config(data, out_dir, kernels))
     trainer.engine.train()
-    loader = DataLoader(trainer.train_set, batch_sampler=trainer.sampler, collate_fn=trainer.collate)
+    trainer.stream.start_epoch(0, num_workers=0)
+    loader = DataLoader(trainer.stream, batch_size=None)
     pairs = [(o, m) for o, m in trainer.model.parameter_pairs() if o.requires_grad]
     online, momentum = [o for o, _ in pairs], [m for _, m in pairs]
     persistent = sum(bool(getattr(m, "ds_persist", False)) for m in momentum)
@@ -85,7 +86,7 @@ def _zero3_worker(rank, world, data, out_dir, kernels):
 def plain_reference(cfg: Config) -> dict:
     import deepspeed
 
-    from brivl_ds.data.dataset import Collator, DistributedBatchSampler, PairDataset
+    from brivl_ds.data.build import build_collator, build_train_stream
     from brivl_ds.data.tokenizer import load_tokenizer
     from brivl_ds.models.brivl import BriVL
     from brivl_ds.moco.loss import moco_loss
@@ -96,18 +97,21 @@ def plain_reference(cfg: Config) -> dict:
 
     deepspeed.runtime.utils.set_random_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.text.tokenizer_path)
-    data = PairDataset(cfg.data.train_path, cfg.model.image.image_size, cfg.model.image.max_boxes,
-                       cfg.data.augment, train=True)
     model = BriVLMoCo(BriVL(cfg.model, len(tokenizer)), cfg.moco).train()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, STEPS)
     ema = MomentumUpdater(model.parameter_pairs(), "reference")
     queues = KeyQueue(cfg.moco.queue_size, cfg.model.embed_dim), KeyQueue(cfg.moco.queue_size, cfg.model.embed_dim)
-    sampler = DistributedBatchSampler(len(data), cfg.data.batch_size * WORLD, 0, 1, seed=cfg.train.seed)
-    collate = Collator(tokenizer, cfg.model.text.max_length)
+    # The global batch of step t: every rank's batch t, in rank order (the order the enqueue all-gathers keys in).
+    collate = build_collator(cfg, tokenizer)
+    streams = [build_train_stream(cfg, collate, rank, WORLD) for rank in range(WORLD)]
+    for s in streams:
+        s.start_epoch(0, num_workers=0)
+    per_rank = [s.epoch_batches() for s in streams]
     losses = []
-    for _, indices in zip(range(STEPS), sampler):
-        batch, _ = collate([data[i] for i in indices])
+    for step in range(STEPS):
+        batch, _ = collate([x for s, rows in zip(streams, per_rank) for x in s.load_samples(rows[step])[0]])
+        batch = batch.to("cpu", torch.float32)  # uint8 images -> normalised, as the trainer's train_step does
         out = run_moco(model, batch)
         loss, _ = moco_loss(out, *queues, impl="reference")
         optimizer.zero_grad()
@@ -165,7 +169,8 @@ def _bf16_worker(rank, world, data, out_dir, recipe):
     assert type(trainer.engine.optimizer.optimizer).__name__ == expected_optimizer
     assert ema.lowp is not None and all(t.dtype == torch.float32 for t in ema.master)
     assert all(t.dtype == torch.bfloat16 for t in ema.lowp)
-    loader = DataLoader(trainer.train_set, batch_sampler=trainer.sampler, collate_fn=trainer.collate)
+    trainer.stream.start_epoch(0, num_workers=0)
+    loader = DataLoader(trainer.stream, batch_size=None)
     m = cfg.moco.momentum
     for step, (batch, _) in zip(range(3), loader):
         before = [t.clone() for t in ema.master]
