@@ -70,7 +70,8 @@ def test_quickstart_trains_checkpoints_and_evaluates(full_run):
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, 2 * N + 1))
     assert all(k in steps[-1] for k in ("loss_i2t", "loss_t2i", "tau", "lr", "grad_norm", "samples_per_s",
-                                         "step_time", "queue_fill"))
+                                         "step_time", "queue_fill", "skipped_rows"))
+    assert steps[-1]["skipped_rows"] == 0  # the converter let no undecodable image through
     assert steps[-1]["queue_fill"] == 1.0  # 6 steps x 8 keys > K = 12
     result = json.loads((out / "eval.json").read_text())
     assert result["n"] == 48 and 0 <= result["i2t_r1"] <= result["i2t_r5"] <= result["i2t_r10"] <= 100
