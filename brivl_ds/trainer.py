@@ -46,6 +46,10 @@ class Position:
 
     @classmethod
     def from_dict(cls, state: dict) -> "Position":
+        state = dict(state)
+        if "data" not in state:  # a checkpoint from before the streaming reader: its mid-epoch order is not ours
+            state["data"] = {"epoch": state.pop("epoch", 0), "batch_in_epoch": state.pop("batch_in_epoch", 0),
+                             "fingerprint": "pre-streaming"}
         return cls(**{**state, "data": StreamState(**state["data"])})
 
 

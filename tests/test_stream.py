@@ -129,3 +129,17 @@ def test_undecodable_rows_are_replaced_and_counted(stream_parts, tmp_path):
     assert sorted(r for m in metas for r in m["skipped_rows"]) == [3, 4, 9, 17]
     assert sum(m["skipped"] for m in metas) == 4
     assert not {3, 4, 9, 17} & {r for m in metas for r in m["rows"]}
+
+
+def test_a_checkpoint_position_round_trips_and_an_old_mid_epoch_one_is_refused(stream_parts):
+    import dataclasses
+
+    from brivl_ds.trainer import Position
+
+    stream = make_stream(stream_parts)
+    stream.start_epoch(2, num_workers=3)
+    pos = Position(step=7, samples=56, data=stream.state)
+    assert Position.from_dict(dataclasses.asdict(pos)) == pos
+    old = Position.from_dict({"step": 7, "epoch": 2, "batch_in_epoch": 5, "samples": 56, "skipped_rows": 0})
+    with pytest.raises(ValueError, match="cannot resume mid-epoch"):
+        stream.set_position(old.data)
