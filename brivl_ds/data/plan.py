@@ -10,7 +10,8 @@ Epoch e, seed s, R ranks, per-rank batch b:
      rng(s, e, r, block). A DataLoader worker holds one block of encoded images in memory at a time.
   5. Blocks are dealt round-robin to `streams` streams (one per DataLoader worker) and the rank's batch sequence
      interleaves the streams' batches round-robin, so that worker w, which produces batches w, w + W, w + 2W, ...
-     of the sequence (the order PyTorch's DataLoader yields them in), reads whole blocks of its own.
+     of the sequence (the order PyTorch's DataLoader yields them in), reads whole blocks of its own - except near the
+     end of the epoch, once the streams run out unevenly, when a worker may read a few rows of another's blocks.
 
 Resuming mid-epoch needs only (epoch, batches consumed, streams the epoch was laid out for): the remaining batches
 are the tail of the same sequence, dealt to however many workers there are now.
