@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from brivl_ds.data.dataset import PairDataset
@@ -41,4 +42,14 @@ def encode(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: D
 def evaluate_retrieval(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: DistInfo,
                        dtype: torch.dtype) -> dict[str, float]:
     image, text = encode(model, dataset, collate, batch_size, info, dtype)
-    return recall_at_k(image.cpu(), text.cpu())
+    result = recall_at_k(image.cpu(), text.cpu())
+    result["skipped_rows"] = float(len(skipped_rows(dataset)))  # undecodable held-out rows, replaced (all ranks)
+    return result
+
+
+def skipped_rows(dataset: PairDataset) -> set[int]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return set(dataset.skipped)
+    per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, dataset.skipped)
+    return set().union(*per_rank)

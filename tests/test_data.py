@@ -47,3 +47,22 @@ def test_a_corrupt_held_out_image_is_replaced_and_counted(official_shards, tmp_p
     data = PairDataset(tmp_path / "bad.parquet", PairTransform(AugmentConfig(), 64, 36, grid=0, train=False))
     assert data[1].row == 2 and data.skipped == {1}
     assert data[0].row == 0
+
+
+def test_shard_writer_cuts_row_groups_by_image_bytes_and_lists_them(official_fixture, tmp_path):
+    import pyarrow.parquet as pq
+
+    from brivl_ds.data.shards import Row, shard_index, verify, write_shards
+
+    image = next((official_fixture / "imgs").iterdir()).read_bytes()
+    rows = [Row(id=str(i), image=image, width=1, height=1, text="t") for i in range(7)]
+    write_shards(rows, tmp_path, rows_per_shard=5, row_group_bytes=2 * len(image), row_group_rows=1024)
+    (first, second) = shard_index(tmp_path)
+    assert (first.rows, first.row_groups, second.row_groups) == (5, [2, 2, 1], [2])
+    meta = pq.ParquetFile(first.path).metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == first.row_groups
+    image_column = meta.row_group(0).column(meta.schema.names.index("image"))
+    assert image_column.compression == "UNCOMPRESSED" and not any("DICTIONARY" in e for e in image_column.encodings)
+    assert verify(tmp_path) == []
+    first.path.write_bytes(first.path.read_bytes()[:-10])
+    assert verify(tmp_path) == [first.path.name]

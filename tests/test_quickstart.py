@@ -74,6 +74,7 @@ def test_quickstart_trains_checkpoints_and_evaluates(full_run):
     assert steps[-1]["skipped_rows"] == 0  # the converter let no undecodable image through
     assert steps[-1]["queue_fill"] == 1.0  # 6 steps x 8 keys > K = 12
     result = json.loads((out / "eval.json").read_text())
+    assert result["skipped_rows"] == 0
     assert result["n"] == 48 and 0 <= result["i2t_r1"] <= result["i2t_r5"] <= result["i2t_r10"] <= 100
 
 

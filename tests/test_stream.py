@@ -1,6 +1,5 @@
 """Streaming training data: partition over ranks x workers, per-epoch shuffle, exact mid-epoch resume, bad rows."""
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch

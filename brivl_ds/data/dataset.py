@@ -41,8 +41,8 @@ class Collator:
 class PairDataset(Dataset):
     """Every row of some shards, transformed with a fixed seed per row (held-out evaluation).
 
-    A row that fails to decode is replaced by the next good row and counted in `skipped` (logged), so an evaluation
-    never dies for one bad image; the report says how many were replaced.
+    A row that fails to decode is replaced by the next good row, logged and kept in `skipped`, so an evaluation
+    never dies for one bad image; the evaluation result reports how many were replaced (`skipped_rows`).
     """
 
     def __init__(self, path: str | Path, transform, max_retries: int = 16):
