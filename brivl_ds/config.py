@@ -37,9 +37,11 @@ class ImageTowerConfig:
     """Train only the top N parameter groups of the backbone (timm's coarse group_matcher: stem, stages...);
     -1 trains all. The official code trains only the top CNN blocks."""
     frozen_bn_stats: bool = True
-    """Keep BatchNorm running statistics frozen (eval-mode BN even while training). This makes every image's
-    embedding independent of the rest of its batch, so the momentum keys cannot leak the positive through batch
-    statistics (MoCo's reason for shuffle-BN) and no cross-rank shuffle is needed."""
+    """Normalise with the BatchNorm running statistics, never batch statistics, and never update them (the affine
+    parameters still train). Every image's embedding is then independent of the rest of its batch, so the
+    momentum keys cannot leak the positive through batch statistics (MoCo's reason for shuffle-BN) and no
+    cross-rank shuffle is needed. The statistics stay fp32 in bf16 runs (brivl_ds/models/batchnorm.py). False
+    (train-mode BN with batch statistics) runs in fp32 only."""
 
 
 @dataclass

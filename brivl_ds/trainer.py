@@ -89,6 +89,7 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         ds_config = load_ds_config(cfg)
+        check_batchnorm_precision(model, cfg, ds_config)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=ds_config)
         self.model: BriVLMoCo = self.engine.module
@@ -247,6 +248,16 @@ class Trainer:
         set_rng_state(state["rng"])
         if self.info.is_main:
             print(f"resumed from {ckpt_dir}/{tag} at step {self.pos.step}", flush=True)
+
+
+def check_batchnorm_precision(model: BriVLMoCo, cfg: Config, ds_config: dict) -> None:
+    """Train-mode BatchNorm (batch statistics) keeps fp32 running statistics next to the engine's bf16/fp16 gains,
+    which torch refuses mid-step; say so before any step runs."""
+    low_precision = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.online.image.modules())
+    if low_precision and has_bn and not cfg.model.image.frozen_bn_stats:
+        raise ValueError("model.image.frozen_bn_stats=false (BatchNorm with batch statistics) runs in fp32 only; "
+                         "use a DeepSpeed config with bf16 disabled or keep frozen_bn_stats=true")
 
 
 def format_recall(result: dict[str, float], step: int) -> str:

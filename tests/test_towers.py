@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from brivl_ds.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+from brivl_ds.models.batchnorm import _FrozenStatistics, freeze_batchnorm_statistics
 from brivl_ds.models.brivl import Batch, BriVL
 from brivl_ds.models.image_tower import ImageTower
 from brivl_ds.models.text_tower import TextTower
@@ -51,25 +53,79 @@ def test_padding_boxes_and_padding_tokens_are_ignored():
     assert not torch.allclose(model(real)[0][0], image[0])
 
 
-def test_frozen_batchnorm_statistics_make_embeddings_batch_independent():
-    """The BN choice (see README): eval-mode BN in the CNN even while training, so a key cannot see its batch."""
+def _bn_layers(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def as_engine_holds_it(tower: ImageTower, dtype: torch.dtype) -> ImageTower:
+    """Cast parameters only, buffers stay fp32: what DeepSpeed 0.19.8 does to a module under a bf16 config."""
+    for p in tower.parameters():
+        p.data = p.data.to(dtype)
+    return tower
+
+
+@pytest.mark.parametrize("backbone,dtype,tol", [
+    ("test_resnet", torch.float32, 1e-6),  # nn.BatchNorm2d
+    ("tf_efficientnet_b0", torch.float32, 1e-6),  # timm BatchNormAct2d, TF padding: base and paper-1b's family
+    ("tf_efficientnet_b0", torch.bfloat16, 2e-2),  # ... as a bf16 engine runs it
+])
+def test_frozen_batchnorm_statistics_make_embeddings_batch_independent(backbone, dtype, tol):
+    """The BN choice (see README): running statistics only, even while training, so a key cannot see its batch;
+    the statistics never change and stay fp32 in a bf16 model, whose BN gain/bias are bf16."""
     torch.manual_seed(0)
-    cfg = small_model_config("test_resnet").image
-    tower = ImageTower(cfg, embed_dim=24).train()
-    bns = [m for m in tower.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert bns and all(not m.training for m in bns)
-    stats = [m.running_mean.clone() for m in bns]
+    cfg = small_model_config(backbone).image
+    cfg.trainable_backbone_groups = -1  # every BN gain and bias trains
+    tower = as_engine_holds_it(ImageTower(cfg, embed_dim=24), dtype).train()
+    bns = _bn_layers(tower.backbone)
+    assert bns and all(isinstance(m, _FrozenStatistics) for m in bns)
+    for m in bns:  # non-trivial statistics, as in a pretrained checkpoint
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
     batch = random_batch()
-    alone = tower(batch.images[:1], batch.boxes[:1], batch.box_mask[:1])
-    together = tower(batch.images, batch.boxes, batch.box_mask)
-    torch.testing.assert_close(alone[0], together[0])
-    assert all(torch.equal(s, m.running_mean) for s, m in zip(stats, bns))
-    # with ordinary train-mode BN the same sample's embedding would depend on its batch-mates
+    images = batch.images.to(dtype)
+    alone = tower(images[:1], batch.boxes[:1], batch.box_mask[:1])
+    together = tower(images, batch.boxes, batch.box_mask)
+    torch.testing.assert_close(alone[0].float(), together[0].float(), atol=tol, rtol=0)
+    together.float().sum().backward()  # a training step's backward through every BN
+    assert all(m.weight.grad is not None and m.weight.grad.dtype == dtype for m in bns)
+    for m, (mean, var) in zip(bns, stats):
+        assert m.running_mean.dtype == torch.float32 and m.running_var.dtype == torch.float32
+        assert torch.equal(mean, m.running_mean) and torch.equal(var, m.running_var)
+    # with ordinary train-mode BN the same sample's embedding depends on its batch-mates (far beyond tol)
     cfg.frozen_bn_stats = False
     torch.manual_seed(0)
     plain = ImageTower(cfg, embed_dim=24).train()
-    assert not torch.allclose(plain(batch.images[:1], batch.boxes[:1], batch.box_mask[:1])[0],
-                              plain(batch.images, batch.boxes, batch.box_mask)[0])
+    assert (plain(batch.images[:1], batch.boxes[:1], batch.box_mask[:1])[0]
+            - plain(batch.images, batch.boxes, batch.box_mask)[0]).abs().max() > 10 * tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_frozen_batchnorm_matches_float64_and_rounds_once(dtype):
+    """Output = the float64 formula with the fp32 statistics, rounded to the compute dtype (within one
+    unit in the last place: the fp32 math rounds before the final rounding)."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(8, eps=1e-3)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.01, 4.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    assert freeze_batchnorm_statistics(torch.nn.Sequential(bn)) == 1
+    bn.weight.data, bn.bias.data = bn.weight.data.to(dtype), bn.bias.data.to(dtype)
+    x = torch.randn(4, 8, 5, 5).to(dtype)
+    y = bn.train()(x)
+    shape = (1, -1, 1, 1)
+    ref = ((x.double() - bn.running_mean.double().view(shape)) / (bn.running_var.double().view(shape) + 1e-3).sqrt()
+           * bn.weight.double().view(shape) + bn.bias.double().view(shape))
+    assert y.dtype == dtype
+    ulp = torch.finfo(dtype).eps  # one unit in the last place, relative
+    torch.testing.assert_close(y.double(), ref, rtol=ulp, atol=1e-6)
+    assert (y.double() - ref).abs().max() <= (ref.to(dtype).double() - ref).abs().max() + ulp * ref.abs().max()
+
+
+def test_unknown_batchnorm_kinds_are_refused():
+    with pytest.raises(TypeError, match="frozen-statistics"):
+        freeze_batchnorm_statistics(torch.nn.Sequential(torch.nn.SyncBatchNorm(4)))
 
 
 def test_freezing_lower_layers():

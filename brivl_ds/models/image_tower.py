@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from brivl_ds.config import ImageTowerConfig
+from brivl_ds.models.batchnorm import freeze_batchnorm_statistics
 from brivl_ds.models.layers import ProjectionHead, SelfAttentionBlock, masked_mean
 
 
@@ -38,6 +39,8 @@ class ImageTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = create_backbone(cfg)
+        if cfg.frozen_bn_stats:
+            freeze_batchnorm_statistics(self.backbone)  # running statistics only, in fp32 (models/batchnorm.py)
         freeze_lower_groups(self.backbone, cfg.trainable_backbone_groups)
         channels = self.backbone.num_features
         r = cfg.roi_output_size
@@ -45,16 +48,6 @@ class ImageTower(nn.Module):
         self.box_pos = nn.Linear(4, cfg.width) if cfg.box_position_embedding else None
         self.encoder = SelfAttentionBlock(cfg.width, cfg.num_layers, cfg.num_heads, cfg.mlp_ratio, cfg.dropout)
         self.head = ProjectionHead(cfg.width, head_hidden_dim or embed_dim, embed_dim)
-
-    def train(self, mode: bool = True) -> "ImageTower":
-        super().train(mode)
-        if self.cfg.frozen_bn_stats:
-            # Eval-mode BN normalises with running statistics and never updates them, so an image's embedding
-            # does not depend on its batch-mates (the positive cannot leak through batch statistics).
-            for module in self.backbone.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        return self
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S]; boxes [B, N, 4] as x1, y1, x2, y2 in input pixels; box_mask [B, N] (True = real).
