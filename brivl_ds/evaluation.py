@@ -25,7 +25,9 @@ def encode(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: D
     rows = torch.tensor_split(torch.arange(len(dataset)), info.world)[info.rank].tolist()
     per_rank = -(-len(dataset) // info.world)
     padded = rows + [rows[-1] if rows else 0] * (per_rank - len(rows))
-    loader = DataLoader(padded, batch_size=batch_size, shuffle=False,
+    # A private generator: creating the iterator draws a seed, which must not move the global RNG (the
+    # dropout masks of the training steps after an evaluation would then depend on whether one happened).
+    loader = DataLoader(padded, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
                         collate_fn=lambda items: collate([dataset[i] for i in items]))
     image, text = [], []
     for batch, _ in loader:

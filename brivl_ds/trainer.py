@@ -66,7 +66,9 @@ def resolve_data(cfg: Config, info: DistInfo) -> None:
     barrier()
     paths = shapes_dataset_paths(cfg.data.synthetic_dir)
     cfg.data.train_path, cfg.data.eval_path = str(paths["train"]), str(paths["eval"])
-    cfg.model.text.tokenizer_path = cfg.model.text.tokenizer_path or str(paths["tokenizer"])
+    # A pretrained text encoder brings its own tokenizer (its vocabulary indexes the embedding)
+    cfg.model.text.tokenizer_path = (cfg.model.text.tokenizer_path or cfg.model.text.pretrained_path
+                                     or str(paths["tokenizer"]))
 
 
 class Trainer:
@@ -184,9 +186,13 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- utilities
     def _loader(self) -> DataLoader:
         workers = self.cfg.data.num_workers
+        # Its own generator: every new iterator draws a base seed, and from the global RNG that draw would shift
+        # dropout masks whenever a loader is (re)created, e.g. after a resume. Our rows' augmentation draws
+        # depend on (seed, epoch, row) only, so this seed feeds nothing else.
         return DataLoader(self.stream, batch_size=None, num_workers=workers,
                           prefetch_factor=self.cfg.data.prefetch_factor if workers else None,
-                          pin_memory=self.info.device.type == "cuda", persistent_workers=False)
+                          pin_memory=self.info.device.type == "cuda", persistent_workers=False,
+                          generator=torch.Generator().manual_seed(self.cfg.train.seed))
 
     def _grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()

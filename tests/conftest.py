@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,17 @@ def run_distributed(fn, world: int, *args) -> None:
     import torch.multiprocessing as mp
 
     mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def deepspeed_train(preset: str, settings: list[str], world: int = 2, timeout: int = 600) -> str:
+    """`deepspeed --num_gpus WORLD brivl_ds/train.py --preset PRESET --set ...`, as a user runs it (CPU processes
+    here); returns the combined output, fails the test with its tail if the run fails."""
+    cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", str(free_port()), "brivl_ds/train.py",
+           "--preset", preset] + [a for s in settings for a in ("--set", s)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="session")

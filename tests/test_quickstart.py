@@ -4,13 +4,12 @@ checkpoint, and resume equivalence: 2N steps == N steps + a new process + N step
 The runs train from shards made by the converter (`convert pairs`) out of image files and a JSONL, with DataLoader
 workers, so the whole data path is the one a user's crawl takes."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, deepspeed_train
 
 pytestmark = pytest.mark.slow
 N = 3
@@ -22,12 +21,7 @@ def launch(out_dir, data, *overrides, world=2):
                 f"model.text.tokenizer_path={data['tokenizer']}", "model.image.image_size=64",
                 "model.image.backbone=test_convnext", "data.batch_size=4", "moco.queue_size=12",
                 f"train.max_steps={2 * N}", "optim.warmup_steps=2", "train.progress_bar=false", *overrides]
-    cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", str(free_port()), "brivl_ds/train.py",
-           "--preset", "tiny"] + [a for s in settings for a in ("--set", s)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+    return deepspeed_train("tiny", settings, world)
 
 
 def losses(out_dir):

@@ -13,7 +13,11 @@ from brivl_ds.models.layers import ProjectionHead, SelfAttentionBlock, masked_me
 def create_encoder(cfg: TextTowerConfig, vocab_size: int) -> nn.Module:
     """AutoModel from a local directory, or randomly initialised from the config fields (no hub access)."""
     if cfg.pretrained_path:
-        return AutoModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False, local_files_only=True)
+        encoder = AutoModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False, local_files_only=True)
+        if vocab_size > encoder.config.vocab_size:  # token ids past the embedding would fail mid-run
+            raise ValueError(f"the tokenizer has {vocab_size} tokens but {cfg.pretrained_path} embeds only "
+                             f"{encoder.config.vocab_size}; use the tokenizer saved with the model")
+        return encoder
     config = AutoConfig.for_model(
         cfg.model_type, vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
