@@ -59,3 +59,20 @@ def test_presets_command_prints_the_config_and_the_parameter_count(capsys):
     out = capsys.readouterr().out
     assert '"queue_size": 123' in out and '"embed_dim": 2048' in out
     assert "momentum" in out and "445,855,841" in out  # online + momentum + tau, built on the meta device
+
+
+@pytest.mark.parametrize("preset,text_layers", [("base", {8, 9, 10, 11}), ("paper-1b", {20, 21, 22, 23})])
+def test_presets_train_the_top_text_layers_and_cnn_stages_the_readme_names(preset, text_layers):
+    import torch
+
+    from brivl_ds.models.brivl import BriVL
+
+    cfg = get_preset(preset)
+    with torch.device("meta"):
+        model = BriVL(cfg.model, vocab_size=21128)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {int(n.split(".")[4]) for n in trainable if n.startswith("text.encoder.encoder.layer.")} == text_layers
+    assert not any(n.startswith("text.encoder.embeddings.") for n in trainable)
+    cnn = {".".join(n.split(".")[2:4]) if ".blocks." in n else n.split(".")[2]
+           for n in trainable if n.startswith("image.backbone.")}
+    assert cnn == {"blocks.5", "blocks.6", "conv_head", "bn2"}  # the last two stages and the head convolution

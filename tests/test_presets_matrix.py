@@ -181,6 +181,12 @@ def test_preset_trains_checkpoints_resumes_exactly_and_evaluates(preset, shapes_
     assert {n for n in frozen if n.startswith("online.")} == expected_frozen
     assert all(torch.equal(at_n[n], at_end[n]) for n in expected_frozen)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if preset != "tiny":  # as the README says: the top 4 text layers and the top 2 CNN groups (stages + head)
+        text_layers = {int(n.split(".")[4]) for n in trainable if n.startswith("text.encoder.encoder.layer.")}
+        cnn_parts = {".".join(n.split(".")[2:4]) if ".blocks." in n else n.split(".")[2]
+                     for n in trainable if n.startswith("image.backbone.")}
+        assert text_layers == {2, 3, 4, 5} and cnn_parts == {"blocks.5", "blocks.6", "conv_head", "bn2"}, \
+            (text_layers, cnn_parts)
     assert sum(not torch.equal(at_n[f"online.{n}"], at_end[f"online.{n}"]) for n in trainable) > len(trainable) // 2
     bn_stats = [b for b in buffers if b.startswith("online.image.backbone.") and "running_" in b]
     assert all(torch.equal(at_n[b], at_end[b]) for b in bn_stats)

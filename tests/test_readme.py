@@ -21,3 +21,23 @@ def test_hostfile_describes_the_papers_cluster():
     lines = [l.split() for l in (REPO / "hostfiles" / "a100").read_text().splitlines() if l.strip()]
     assert len(lines) == 16 and all(slots == "slots=8" for _, slots in lines)
     assert len({host for host, _ in lines}) == 16
+
+
+def test_preset_table_matches_the_presets():
+    """Every row of the README's preset table: image size, D, K, tau, m, batch and the parameter count printed by
+    `python -m brivl_ds.presets NAME` (built on the meta device)."""
+    from brivl_ds.config import PRESETS, get_preset
+    from brivl_ds.presets import parameter_report
+
+    text = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| `([\w-]+)`[^|]*\| (\S+) @(\d+) \|[^|]*\| ([\d,]+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \| "
+                      r"(\d+) / rank[^|]*\| ([\d,.]+) M \|$", text, flags=re.M)
+    assert sorted(r[0] for r in rows) == sorted(PRESETS)
+    for name, backbone, size, dim, k, tau, m, batch, params in rows:
+        cfg = get_preset(name)
+        image = cfg.model.image
+        assert image.backbone.split(".")[0].startswith(backbone.removesuffix("_ns")), name
+        assert (image.image_size, cfg.model.embed_dim, cfg.moco.queue_size) == \
+            (int(size), int(dim.replace(",", "")), int(k.replace(",", ""))), name
+        assert (cfg.moco.tau_init, cfg.moco.momentum, cfg.data.batch_size) == (float(tau), float(m), int(batch)), name
+        assert f"{parameter_report(name)['total'] / 1e6:,.1f}" == params, name

@@ -163,3 +163,42 @@ def test_image_tower_loads_local_timm_checkpoint(tmp_path):
     loaded = ImageTower(cfg, 24)
     for (name, a), b in zip(tower.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_frozen_batchnorm_in_bf16_on_cuda():
+    """The same mixed-type kernel on CUDA (cuDNN/native): a bf16 EfficientNet with fp32 statistics runs forward
+    and backward, is batch independent, leaves the statistics untouched and matches float64 within bf16's ulp."""
+    torch.manual_seed(0)
+    cfg = small_model_config("tf_efficientnet_b0").image
+    cfg.trainable_backbone_groups = -1
+    tower = as_engine_holds_it(ImageTower(cfg, embed_dim=24), torch.bfloat16).cuda().train()
+    bns = _bn_layers(tower.backbone)
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    batch = random_batch()
+    images, boxes, mask = batch.images.cuda().bfloat16(), batch.boxes.cuda(), batch.box_mask.cuda()
+    together = tower(images, boxes, mask)
+    torch.testing.assert_close(tower(images[:1], boxes[:1], mask[:1])[0].float(), together[0].float(),
+                               atol=2e-2, rtol=0)
+    together.float().sum().backward()
+    assert all(torch.equal(m.running_mean, a) and torch.equal(m.running_var, b) for m, (a, b) in zip(bns, stats))
+    bn = bns[0]
+    x = torch.randn(4, bn.num_features, 8, 8, device="cuda").bfloat16()
+    shape = (1, -1, 1, 1)
+    ref = ((x.double() - bn.running_mean.double().view(shape)) / (bn.running_var.double().view(shape) + bn.eps)
+           .sqrt() * bn.weight.double().view(shape) + bn.bias.double().view(shape))
+    torch.testing.assert_close(bn._normalize(x).double(), ref, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
+
+
+def test_batch_statistics_bn_is_refused_under_bf16_before_any_step():
+    from brivl_ds.config import Config, MocoConfig
+    from brivl_ds.moco.model import BriVLMoCo
+    from brivl_ds.trainer import check_batchnorm_precision
+
+    cfg = Config(model=small_model_config("test_resnet"))
+    cfg.model.image.frozen_bn_stats = False
+    model = BriVLMoCo(BriVL(cfg.model, vocab_size=50), MocoConfig())
+    check_batchnorm_precision(model, cfg, {"bf16": {"enabled": False}})  # fp32: fine
+    with pytest.raises(ValueError, match="frozen_bn_stats"):
+        check_batchnorm_precision(model, cfg, {"bf16": {"enabled": True}})
