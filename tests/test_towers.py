@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from brivl_ds.config import ImageTowerConfig, ModelConfig, TextTowerConfig
-from brivl_ds.models.batchnorm import _FrozenStatistics, freeze_batchnorm_statistics
+from brivl_ds.models.batchnorm import FrozenStatistics, freeze_batchnorm_statistics
 from brivl_ds.models.brivl import Batch, BriVL
 from brivl_ds.models.image_tower import ImageTower
 from brivl_ds.models.text_tower import TextTower
@@ -77,7 +77,7 @@ def test_frozen_batchnorm_statistics_make_embeddings_batch_independent(backbone,
     cfg.trainable_backbone_groups = -1  # every BN gain and bias trains
     tower = as_engine_holds_it(ImageTower(cfg, embed_dim=24), dtype).train()
     bns = _bn_layers(tower.backbone)
-    assert bns and all(isinstance(m, _FrozenStatistics) for m in bns)
+    assert bns and all(isinstance(m, FrozenStatistics) for m in bns)
     for m in bns:  # non-trivial statistics, as in a pretrained checkpoint
         m.running_mean.uniform_(-0.5, 0.5)
         m.running_var.uniform_(0.5, 2.0)

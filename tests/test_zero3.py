@@ -4,6 +4,7 @@ The reference below is the textbook algorithm on one process with the global bat
 schedule, torch.nn.utils.clip_grad_norm_, a dense EMA and an un-gathered queue.
 """
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,19 @@ def write_ds_config(out_dir) -> Path:
     """ZeRO-3, fp32; a low persistence threshold so both kinds of parameter are exercised: partitioned ones and
     small 'persistent' ones that ZeRO-3 keeps gathered between steps."""
     path = Path(out_dir) / "ds_zero3_test.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100,
-                                                      "reduce_bucket_size": 20000,
-                                                      "stage3_prefetch_bucket_size": 20000},
-                                "bf16": {"enabled": False}}))
+    write_atomically(path, {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100,
+                                                  "reduce_bucket_size": 20000, "stage3_prefetch_bucket_size": 20000},
+                            "bf16": {"enabled": False}})
     return path
+
+
+def write_atomically(path: Path, obj) -> None:
+    """Every rank writes the same file: each writes its own temporary and renames it, so no rank ever reads a
+    half-written file (a plain write_text raced with another rank's read and failed at random)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def gathered(params):
@@ -159,9 +167,9 @@ def _bf16_worker(rank, world, data, out_dir, recipe):
     else:  # DeepSpeed's alternative: bf16 master weights and bf16 optimizer states, as in the shipped config
         ds["bf16"] = json.loads((REPO / "ds_configs" / "paper-1b-bf16-states.json").read_text())["bf16"]
         cfg.optim.name = "adamw"
-    path = f"{out_dir}/ds_bf16.json"
-    open(path, "w").write(json.dumps(ds))
-    cfg.train.ds_config = path
+    path = Path(out_dir) / "ds_bf16.json"
+    write_atomically(path, ds)
+    cfg.train.ds_config = str(path)
     trainer = Trainer(cfg)
     trainer.engine.train()
     ema = trainer.momentum

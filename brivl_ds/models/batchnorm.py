@@ -25,7 +25,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 
-class _FrozenStatistics:
+class FrozenStatistics:
     """Mixin over a torch `_BatchNorm`: normalise with the running statistics in fp32, whatever the mode."""
 
     running_mean: torch.Tensor
@@ -41,12 +41,12 @@ class _FrozenStatistics:
                             training=False, momentum=0.0, eps=self.eps)
 
 
-class FrozenStatsBatchNorm2d(_FrozenStatistics, nn.BatchNorm2d):
+class FrozenStatsBatchNorm2d(FrozenStatistics, nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._normalize(x)
 
 
-class FrozenStatsBatchNormAct2d(_FrozenStatistics, BatchNormAct2d):
+class FrozenStatsBatchNormAct2d(FrozenStatistics, BatchNormAct2d):
     """timm's BatchNorm + activation (EfficientNet, ResNet-D, ...): the same, then timm's drop and act."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def freeze_batchnorm_statistics(module: nn.Module) -> int:
     """Switch every BatchNorm of `module` to frozen statistics in place; returns how many were switched."""
     switched = 0
     for name, child in module.named_modules():
-        if not isinstance(child, nn.modules.batchnorm._BatchNorm) or isinstance(child, _FrozenStatistics):
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm) or isinstance(child, FrozenStatistics):
             continue
         frozen = _FROZEN_CLASS.get(type(child))
         if frozen is None:
