@@ -148,6 +148,15 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    """Tensor-parallel size (megatron-core): both towers' transformer layers and heads are split over this many
+    ranks (the GPUs of one node), ZeRO-3 shards over the rest (data parallel). 1 = off."""
+    sequence_parallel: bool = False
+    """Refused: DeepSpeed would not all-reduce the LayerNorm gradients of sequence-parallel regions."""
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/tiny"
     ds_config: str | None = None
@@ -180,6 +189,7 @@ class Config:
     moco: MocoConfig = field(default_factory=MocoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:

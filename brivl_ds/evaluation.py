@@ -10,11 +10,12 @@ from brivl_ds.distributed import DistInfo
 from brivl_ds.metrics import recall_at_k
 from brivl_ds.models.brivl import BriVL
 from brivl_ds.moco.queue import all_gather_keys
+from brivl_ds.parallel.groups import ParallelGroups
 
 
 @torch.no_grad()
-def encode(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: DistInfo, dtype: torch.dtype
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: DistInfo, dtype: torch.dtype,
+           groups: ParallelGroups | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Image and text embeddings of every row, in row order, on every rank.
 
     Each rank encodes a contiguous slice; slices are padded to the same number of batches because ZeRO-3 gathers
@@ -22,8 +23,10 @@ def encode(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: D
     """
     was_training = model.training
     model.eval()
-    rows = torch.tensor_split(torch.arange(len(dataset)), info.world)[info.rank].tolist()
-    per_rank = -(-len(dataset) // info.world)
+    # Split by data-parallel rank (the TP ranks of a group encode the same rows together)
+    rank, world = (groups.dp_rank, groups.dp) if groups else (info.rank, info.world)
+    rows = torch.tensor_split(torch.arange(len(dataset)), world)[rank].tolist()
+    per_rank = -(-len(dataset) // world)
     padded = rows + [rows[-1] if rows else 0] * (per_rank - len(rows))
     # A private generator: creating the iterator draws a seed, which must not move the global RNG (the
     # dropout masks of the training steps after an evaluation would then depend on whether one happened).
@@ -38,12 +41,13 @@ def encode(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: D
     model.train(was_training)
     image_local = torch.cat(image)[: len(rows)]
     text_local = torch.cat(text)[: len(rows)]
-    return all_gather_keys(image_local), all_gather_keys(text_local)
+    group = groups.dp_group if groups else None
+    return all_gather_keys(image_local, group), all_gather_keys(text_local, group)
 
 
 def evaluate_retrieval(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: DistInfo,
-                       dtype: torch.dtype) -> dict[str, float]:
-    image, text = encode(model, dataset, collate, batch_size, info, dtype)
+                       dtype: torch.dtype, groups: ParallelGroups | None = None) -> dict[str, float]:
+    image, text = encode(model, dataset, collate, batch_size, info, dtype, groups)
     result = recall_at_k(image.cpu(), text.cpu())
     result["skipped_rows"] = float(len(skipped_rows(dataset)))  # undecodable held-out rows, replaced (all ranks)
     return result

@@ -34,6 +34,7 @@ from brivl_ds.moco.model import BriVLMoCo, run_moco
 from brivl_ds.moco.momentum import MomentumUpdater
 from brivl_ds.moco.queue import KeyQueue
 from brivl_ds.optim import build_optimizer, build_scheduler
+from brivl_ds.parallel.groups import DeepSpeedMPU, init_tensor_parallel
 
 
 @dataclass
@@ -75,25 +76,38 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.info = init_distributed(cfg.train.threads)
-        deepspeed.runtime.utils.set_random_seed(cfg.train.seed)
+        if cfg.parallel.sequence_parallel:
+            raise ValueError("parallel.sequence_parallel is not supported: DeepSpeed would not all-reduce the "
+                             "LayerNorm gradients of sequence-parallel regions")
+        # Tensor-parallel and data-parallel groups (TP innermost); TP = 1 leaves every rank data-parallel.
+        self.groups = init_tensor_parallel(cfg.parallel.tensor_parallel)
+        deepspeed.runtime.utils.set_random_seed(cfg.train.seed)  # the same on every rank: TP ranks build one model
         resolve_data(cfg, self.info)
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
 
         self.tokenizer = load_tokenizer(cfg.model.text.tokenizer_path or cfg.model.text.pretrained_path)
         self.collate = build_collator(cfg, self.tokenizer)
-        self.stream = build_train_stream(cfg, self.collate, self.info.rank, self.info.world)
+        # Data by data-parallel rank: the TP ranks of one group read the same samples.
+        self.stream = build_train_stream(cfg, self.collate, self.groups.dp_rank, self.groups.dp)
         self.eval_set: PairDataset | None = None
         steps_per_epoch = self.stream.batches_per_epoch // cfg.train.grad_accum_steps
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
 
         model = BriVLMoCo(BriVL(cfg.model, vocab_size=len(self.tokenizer)), cfg.moco)
+        if self.groups.tp > 1:  # applied to the built model: the towers know nothing of it
+            from brivl_ds.parallel.tensor_parallel import parallelize
+
+            parallelize(model, self.groups.tp, self.groups.tp_rank, self.groups.tp_group)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         ds_config = load_ds_config(cfg)
         check_batchnorm_precision(model, cfg, ds_config)
+        # With TP, DeepSpeed needs the groups: ZeRO-3 then partitions each TP shard over its DP group only, and
+        # the gradient norm counts TP-split parameters once per shard.
+        mpu = DeepSpeedMPU(self.groups) if self.groups.tp > 1 else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 lr_scheduler=scheduler, config=ds_config)
+                                                                 lr_scheduler=scheduler, config=ds_config, mpu=mpu)
         self.model: BriVLMoCo = self.engine.module
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
             torch.float16 if self.engine.fp16_enabled() else torch.float32)
@@ -121,14 +135,15 @@ class Trainer:
         self.engine.step()
         if boundary:
             self.momentum.update(self.cfg.moco.momentum)
-        self.image_queue.enqueue(out.image_key)
-        self.text_queue.enqueue(out.text_key)
+        # Keys gathered over the data-parallel group: each enters once, every rank holds the same queue.
+        self.image_queue.enqueue(out.image_key, self.groups.dp_group)
+        self.text_queue.enqueue(out.text_key, self.groups.dp_group)
         # One small all-reduce for the console and TensorBoard: losses averaged, skipped rows summed over ranks.
         stats = all_reduce_mean(torch.stack([loss.detach().float(), parts["loss_i2t"].float(),
                                              parts["loss_t2i"].float(),
                                              torch.tensor(float(skipped_rows), device=loss.device)]))
         return {"loss": stats[0].item(), "loss_i2t": stats[1].item(), "loss_t2i": stats[2].item(),
-                "tau": out.tau.item(), "skipped": round(stats[3].item() * self.info.world), "boundary": boundary}
+                "tau": out.tau.item(), "skipped": round(stats[3].item() * self.groups.dp), "boundary": boundary}
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, float]:
@@ -149,7 +164,7 @@ class Trainer:
                                        f"{self.pos.data.epoch}, expected {self.pos.data.batch_in_epoch}")
                 stats = self.train_step(batch, meta["skipped"])
                 self.pos.data.batch_in_epoch += 1
-                self.pos.samples += len(batch) * self.info.world
+                self.pos.samples += len(batch) * self.groups.dp
                 self.pos.skipped_rows += stats.pop("skipped")
                 if not stats["boundary"]:
                     continue
@@ -215,7 +230,7 @@ class Trainer:
         if self.eval_set is None:  # read the held-out shards once, on first use
             self.eval_set = build_eval_set(self.cfg, self.cfg.data.eval_path)
         result = evaluate_retrieval(self.model.online, self.eval_set, self.collate, self.cfg.data.batch_size,
-                                    self.info, self.dtype)
+                                    self.info, self.dtype, self.groups)
         self.last_eval, self.last_eval_step = result, self.pos.step
         if self.info.is_main:
             for key, value in result.items():

@@ -1,0 +1,1 @@
+"""Parallelism applied to built towers: tensor parallelism (megatron-core) and its process groups."""
