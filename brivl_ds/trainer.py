@@ -127,6 +127,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- one step
     def train_step(self, batch: Batch, skipped_rows: int = 0) -> dict[str, float]:
+        if self.groups.tp > 1:
+            check_same_batch(batch, self.groups.tp_group)
         batch = batch.to(self.info.device, dtype=self.dtype)
         out = run_moco(self.engine, batch)
         loss, parts = moco_loss(out, self.image_queue, self.text_queue, self.cfg.moco.loss_impl)
@@ -269,6 +271,18 @@ class Trainer:
         set_rng_state(state["rng"])
         if self.info.is_main:
             print(f"resumed from {ckpt_dir}/{tag} at step {self.pos.step}", flush=True)
+
+
+def check_same_batch(batch: Batch, tp_group) -> None:
+    """The TP ranks of one group must see the same samples (else the split layers mix different inputs): compare
+    a checksum of the raw batch over the group, one tiny all-gather per step."""
+    checksum = torch.stack([t.to(torch.int64).sum() if not t.is_floating_point() else t.double().sum().to(torch.int64)
+                            for t in batch.tensors()])
+    everyone = [torch.empty_like(checksum) for _ in range(torch.distributed.get_world_size(tp_group))]
+    torch.distributed.all_gather(everyone, checksum, group=tp_group)
+    if any(not torch.equal(everyone[0], other) for other in everyone[1:]):
+        raise RuntimeError("the tensor-parallel ranks of one group received different batches; the data must be "
+                           "split by data-parallel rank")
 
 
 def check_batchnorm_precision(model: BriVLMoCo, cfg: Config, ds_config: dict) -> None:

@@ -4,6 +4,8 @@ References are the unsplit towers in the same process: outputs must match, and e
 equal the matching slice of the TP=1 gradient (row-parallel biases and replicated parameters whole).
 """
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +96,55 @@ def test_heads_must_split_over_tp():
     assert head_rows(8, 4, 2, 1, fused=3).tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
     with pytest.raises(ValueError, match="heads % TP"):
         head_rows(12, 3, 2, 0)
+
+
+# ------------------------------------------------------------------ through the launcher: TP=2 x DP=2 vs TP=1 x DP=2
+N = 3
+
+
+def launch_tiny(out_dir, data, tp, *extra):
+    from conftest import deepspeed_train
+
+    settings = [f"train.output_dir={out_dir}", f"data.train_path={data['train']}", f"data.eval_path={data['eval']}",
+                f"model.text.tokenizer_path={data['tokenizer']}", "model.image.image_size=64", "data.batch_size=4",
+                "moco.queue_size=12", f"train.max_steps={2 * N}", f"train.save_every={N}", "optim.warmup_steps=2",
+                "train.progress_bar=false", f"parallel.tensor_parallel={tp}", *extra]
+    return deepspeed_train("tiny", settings, world=2 * tp)
+
+
+def metric(out_dir, key):
+    return [json.loads(line)[key] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assembled_queue(checkpoint: Path, key: str) -> torch.Tensor:
+    """The queue rebuilt from every rank's saved slice (each rank saves the rows of its global rank)."""
+    shards = [torch.load(f, map_location="cpu", weights_only=False)[key]
+              for f in sorted(checkpoint.glob("zero_pp_rank_*_model_states.pt"))]
+    queue = torch.zeros(shards[0]["size"], shards[0]["rows"].shape[1])
+    for shard in shards:
+        queue[shard["start"]:shard["start"] + shard["rows"].shape[0]] = shard["rows"]
+    return queue
+
+
+def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, tmp_path):
+    """`deepspeed --num_gpus 4 ... --set parallel.tensor_parallel=2` against `--num_gpus 2` (the same data-parallel
+    layout, so the same batches), fp32: the same losses, gradient norms, queues and recall; then TP=2 resumes from
+    step N in a new process bit for bit."""
+    tp1, tp2, resumed = tmp_path / "tp1", tmp_path / "tp2", tmp_path / "resumed"
+    launch_tiny(tp1, shapes_data, 1)
+    log = launch_tiny(tp2, shapes_data, 2)
+    assert f"eval @ step {2 * N}" in log
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(metric(tp2, key)), torch.tensor(metric(tp1, key)), rtol=1e-5,
+                                   atol=1e-6, msg=key)
+    assert sorted(p.name for p in (tp2 / "checkpoints" / f"step{2 * N}").glob("*model_states.pt")) == [
+        f"zero_pp_rank_{d}_mp_rank_0{m}_model_states.pt" for d in (0, 1) for m in (0, 1)]  # one set per TP rank
+    for key in ("image_queue", "text_queue"):  # every rank of the world holds the same queue as TP=1's
+        torch.testing.assert_close(assembled_queue(tp2 / "checkpoints" / f"step{2 * N}", key),
+                                   assembled_queue(tp1 / "checkpoints" / f"step{2 * N}", key), rtol=1e-5, atol=1e-6)
+    recall = [json.loads((d / "eval.json").read_text()) for d in (tp1, tp2)]
+    assert {k: recall[0][k] for k in recall[0] if "_r" in k} == {k: recall[1][k] for k in recall[1] if "_r" in k}
+
+    launch_tiny(resumed, shapes_data, 2, f"train.resume={tp2}/checkpoints/step{N}")
+    assert metric(resumed, "loss") == metric(tp2, "loss")[N:]
+    assert metric(resumed, "grad_norm") == metric(tp2, "grad_norm")[N:]
