@@ -35,6 +35,10 @@ def load_online_model(checkpoint_dir: Path, tag: str | None):
     states = sorted((checkpoint_dir / tag).glob("*model_states.pt"))
     if not states:
         raise FileNotFoundError(f"no DeepSpeed model states in {checkpoint_dir / tag}")
+    if any("_mp_rank_00_" not in f.name for f in states):
+        # zero_to_fp32 consolidates mp_rank_00 only: it would return tensor-parallel rank 0's halves as the model
+        raise NotImplementedError(f"{checkpoint_dir / tag} was written with tensor parallelism; merging its TP "
+                                  f"shards is not implemented yet: evaluate during training (train.eval_every)")
     saved = torch.load(states[0], map_location="cpu", weights_only=False)["config"]
     cfg: Config = build_config(saved["preset"])
     _fill(cfg, saved)

@@ -41,3 +41,18 @@ def test_preset_table_matches_the_presets():
             (int(size), int(dim.replace(",", "")), int(k.replace(",", ""))), name
         assert (cfg.moco.tau_init, cfg.moco.momentum, cfg.data.batch_size) == (float(tau), float(m), int(batch)), name
         assert f"{parameter_report(name)['total'] / 1e6:,.1f}" == params, name
+
+
+def test_tensor_parallel_table_matches_the_split_plan():
+    from brivl_ds.presets import tensor_parallel_report
+
+    text = (REPO / "README.md").read_text()
+    rows = dict((int(tp), (img, txt)) for tp, img, txt in
+                re.findall(r"^\| (\d) \| (?:[^|]*: )?([\d,]+) \| ([\d,]+) \| [\d.]+ MiB \| [\d.]+ MiB \|$", text, re.M))
+    assert sorted(rows) == [1, 2, 4, 8]
+    preset, sixteen_heads = tensor_parallel_report("paper-1b"), tensor_parallel_report(
+        "paper-1b", ["model.image.num_heads=16"])
+    assert isinstance(preset[8], str) and "4 heads" in preset[8]
+    for tp, (image, text_tower) in rows.items():
+        counts = preset[tp] if tp < 8 else sixteen_heads[tp]
+        assert (f"{counts['image']:,}", f"{counts['text']:,}") == (image, text_tower), tp

@@ -39,7 +39,7 @@ def _tp_worker(rank, world, pretrained_dir):
 
     from brivl_ds.models.brivl import BriVL
     from brivl_ds.parallel.groups import init_tensor_parallel
-    from brivl_ds.parallel.tensor_parallel import parallelize_towers
+    from brivl_ds.parallel.tensor_parallel import parallelize_towers, parameters_per_tp_rank
 
     dist.init_process_group("gloo")
     groups = init_tensor_parallel(2)
@@ -53,6 +53,8 @@ def _tp_worker(rank, world, pretrained_dir):
     reference = BriVL(cfg, vocab_size=50).train()
     model = parallelize_towers(copy.deepcopy(reference), 2, groups.tp_rank, groups.tp_group)
     split = [n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)]
+    held = {t: sum(p.numel() for p in model.get_submodule(t).parameters()) for t in ("image", "text")}
+    assert held == parameters_per_tp_rank(reference, 2)  # the planner's exact count (README's TP table)
     assert any(".query." in n for n in split) and any("attn.qkv" in n for n in split) and any("head.fc1" in n
                                                                                                 for n in split)
     batch = random_batch()

@@ -18,12 +18,14 @@ replicated parameters get identical gradients on every TP rank.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from brivl_ds.models.layers import ProjectionHead, SelfAttention, SelfAttentionBlock, TransformerLayer
+from brivl_ds.models.layers import SelfAttention
 
 
 def model_parallel_config(tp: int) -> ModelParallelConfig:
@@ -56,77 +58,80 @@ def head_rows(width: int, heads: int, tp: int, rank: int, fused: int = 1) -> tor
     return torch.cat([torch.arange(j * width + rank * block, j * width + (rank + 1) * block) for j in range(fused)])
 
 
-class TensorParallelizer:
-    """Swaps nn.Linear layers for megatron-core parallel ones holding this rank's slice of the weights."""
+@dataclass(frozen=True)
+class Split:
+    """One nn.Linear of a BriVL to split: `column` (output rows; by whole heads when `heads`, per each of `fused`
+    projections stacked in the rows) or `row` (input columns; bias kept whole, added after the all-reduce)."""
+    path: str
+    style: str
+    heads: int = 0
+    fused: int = 1
 
-    def __init__(self, tp: int, rank: int, group):
-        self.tp, self.rank, self.group = tp, rank, group
-        self.config = model_parallel_config(tp)
 
-    def column(self, linear: nn.Linear, rows: torch.Tensor | None = None) -> nn.Module:
-        if rows is None:
-            rows = torch.tensor_split(torch.arange(linear.out_features), self.tp)[self.rank]
-            if linear.out_features % self.tp:
-                raise ValueError(f"{linear.out_features} output features do not split over TP={self.tp}")
-        layer = ColumnParallel(linear.in_features, linear.out_features, config=self.config,
-                               init_method=nn.init.zeros_, bias=linear.bias is not None, gather_output=False,
-                               tp_group=self.group)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight[rows])
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias[rows])
-        return self._same_grad_flags(layer, linear)
+def tensor_parallel_plan(model: nn.Module) -> list[Split]:
+    """Every Linear that tensor parallelism splits in a BriVL (model.image, model.text); the rest is replicated."""
+    plan: list[Split] = []
+    encoder = model.text.encoder
+    for i in range(len(encoder.encoder.layer)):  # HF BERT/RoBERTa names
+        prefix = f"text.encoder.encoder.layer.{i}"
+        plan += [Split(f"{prefix}.attention.self.{n}", "column", encoder.config.num_attention_heads)
+                 for n in ("query", "key", "value")]
+        plan += [Split(f"{prefix}.attention.output.dense", "row"), Split(f"{prefix}.intermediate.dense", "column"),
+                 Split(f"{prefix}.output.dense", "row")]
+    for path in ("image.encoder", "text.self_attention"):
+        for i, layer in enumerate(model.get_submodule(path).layers):
+            prefix = f"{path}.layers.{i}"
+            plan += [Split(f"{prefix}.attn.qkv", "column", layer.attn.heads, fused=3),
+                     Split(f"{prefix}.attn.out", "row"), Split(f"{prefix}.fc1", "column"), Split(f"{prefix}.fc2", "row")]
+    for tower in ("image", "text"):
+        plan += [Split(f"{tower}.head.fc1", "column"), Split(f"{tower}.head.fc2", "row")]
+    return plan
 
-    def row(self, linear: nn.Linear) -> nn.Module:
-        if linear.in_features % self.tp:
-            raise ValueError(f"{linear.in_features} input features do not split over TP={self.tp}")
-        cols = torch.tensor_split(torch.arange(linear.in_features), self.tp)[self.rank]
-        layer = RowParallel(linear.in_features, linear.out_features, config=self.config, init_method=nn.init.zeros_,
-                            bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False,
-                            tp_group=self.group)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight[:, cols])
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return self._same_grad_flags(layer, linear)
 
-    @staticmethod
-    def _same_grad_flags(layer: nn.Module, linear: nn.Linear) -> nn.Module:
+def _check_divisible(features: int, tp: int, what: str) -> None:
+    if features % tp:
+        raise ValueError(f"{features} {what} features of a split layer do not divide by tensor_parallel={tp}")
+
+
+def _parallel_linear(linear: nn.Linear, split: Split, tp: int, rank: int, group, config) -> nn.Module:
+    """A megatron-core layer holding rank `rank`'s slice of `linear` (weights, bias, requires_grad)."""
+    bias = linear.bias is not None
+    if split.style == "column":
+        if split.heads:
+            rows = head_rows(linear.out_features // split.fused, split.heads, tp, rank, split.fused)
+        else:
+            _check_divisible(linear.out_features, tp, "output")
+            rows = torch.tensor_split(torch.arange(linear.out_features), tp)[rank]
+        layer = ColumnParallel(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_,
+                               bias=bias, gather_output=False, tp_group=group)
+        weight, bias_value = linear.weight[rows], linear.bias[rows] if bias else None
+    else:
+        _check_divisible(linear.in_features, tp, "input")
+        cols = torch.tensor_split(torch.arange(linear.in_features), tp)[rank]
+        layer = RowParallel(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_,
+                            bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=group)
+        weight, bias_value = linear.weight[:, cols], linear.bias if bias else None
+    with torch.no_grad():
+        layer.weight.copy_(weight)
         layer.weight.requires_grad_(linear.weight.requires_grad)
-        if linear.bias is not None:
+        if bias:
+            layer.bias.copy_(bias_value)
             layer.bias.requires_grad_(linear.bias.requires_grad)
-        return layer
+    return layer
 
-    # ------------------------------------------------------------------------------------------- per block
-    def self_attention(self, attn: SelfAttention) -> None:
-        width = attn.out.in_features
-        attn.qkv = self.column(attn.qkv, head_rows(width, attn.heads, self.tp, self.rank, fused=3))
-        attn.out = self.row(attn.out)
-        attn.heads //= self.tp  # the local heads; the layer's only TP-aware field
 
-    def transformer_layer(self, layer: TransformerLayer) -> None:
-        self.self_attention(layer.attn)
-        layer.fc1, layer.fc2 = self.column(layer.fc1), self.row(layer.fc2)
-
-    def block(self, block: SelfAttentionBlock) -> None:
-        for layer in block.layers:
-            self.transformer_layer(layer)
-
-    def head(self, head: ProjectionHead) -> None:
-        head.fc1, head.fc2 = self.column(head.fc1), self.row(head.fc2)
-
-    def hf_encoder(self, encoder: nn.Module) -> None:
-        """BERT/RoBERTa encoder layers (HF names). Attention reshapes with -1 heads, so only the Linears change."""
-        heads = encoder.config.num_attention_heads
-        width = encoder.config.hidden_size
-        for layer in encoder.encoder.layer:
-            attn = layer.attention.self
-            rows = head_rows(width, heads, self.tp, self.rank)
-            attn.query, attn.key, attn.value = (self.column(attn.query, rows), self.column(attn.key, rows),
-                                                self.column(attn.value, rows))
-            layer.attention.output.dense = self.row(layer.attention.output.dense)
-            layer.intermediate.dense = self.column(layer.intermediate.dense)
-            layer.output.dense = self.row(layer.output.dense)
+def parallelize_towers(model: nn.Module, tp: int, rank: int, group) -> nn.Module:
+    """Split a built BriVL (model.image, model.text) over the tensor-parallel group in place; TP=1 is a no-op."""
+    if tp == 1:
+        return model
+    config = model_parallel_config(tp)
+    for split in tensor_parallel_plan(model):
+        parent_path, name = split.path.rsplit(".", 1)
+        parent = model.get_submodule(parent_path)
+        setattr(parent, name, _parallel_linear(getattr(parent, name), split, tp, rank, group, config))
+        if isinstance(parent, SelfAttention) and name == "qkv":
+            parent.heads //= tp  # it now computes its local heads; the layer's only TP-aware field
+    return model
 
 
 def parallelize(model: nn.Module, tp: int, rank: int, group) -> nn.Module:
@@ -137,13 +142,22 @@ def parallelize(model: nn.Module, tp: int, rank: int, group) -> nn.Module:
     return model
 
 
-def parallelize_towers(model: nn.Module, tp: int, rank: int, group) -> nn.Module:
-    """Split a built BriVL (model.image, model.text) over the tensor-parallel group in place; TP=1 is a no-op."""
-    if tp == 1:
-        return model
-    split = TensorParallelizer(tp, rank, group)
-    split.hf_encoder(model.text.encoder)
-    for tower in (model.image, model.text):
-        split.block(tower.encoder if tower is model.image else tower.self_attention)
-        split.head(tower.head)
-    return model
+def parameters_per_tp_rank(model: nn.Module, tp: int) -> dict[str, int]:
+    """Exact parameter count each TP rank holds of each tower (before ZeRO-3 divides it by the DP size): split
+    weights and column-parallel biases / TP, everything else whole. Works on the meta device."""
+    plan = tensor_parallel_plan(model)
+    for s in plan:
+        if s.heads % tp:
+            raise ValueError(f"{s.path}: {s.heads} heads do not split over tensor_parallel={tp}")
+    split = {f"{s.path}.weight": tp for s in plan}
+    split.update({f"{s.path}.bias": tp for s in plan if s.style == "column"})
+    counts = {}
+    for tower in ("image", "text"):
+        counts[tower] = 0
+        for name, p in model.get_submodule(tower).named_parameters():
+            n = p.numel()
+            divisor = split.get(f"{tower}.{name}", 1)
+            if n % divisor:
+                raise ValueError(f"{tower}.{name} ({n}) does not divide by tensor_parallel={tp}")
+            counts[tower] += n // divisor
+    return counts
