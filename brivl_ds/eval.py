@@ -21,13 +21,12 @@ from brivl_ds.metrics import recall_at_k
 
 def load_online_model(checkpoint_dir: Path, tag: str | None):
     """Rebuild the trained online towers from a DeepSpeed ZeRO-3 checkpoint in this single process."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from brivl_ds.checkpoint import latest_tag
     from brivl_ds.config import Config, build_config
     from brivl_ds.data.tokenizer import load_tokenizer
     from brivl_ds.models.brivl import BriVL
     from brivl_ds.moco.model import BriVLMoCo
+    from brivl_ds.parallel.consolidate import consolidate
 
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None:
@@ -35,16 +34,13 @@ def load_online_model(checkpoint_dir: Path, tag: str | None):
     states = sorted((checkpoint_dir / tag).glob("*model_states.pt"))
     if not states:
         raise FileNotFoundError(f"no DeepSpeed model states in {checkpoint_dir / tag}")
-    if any("_mp_rank_00_" not in f.name for f in states):
-        # zero_to_fp32 consolidates mp_rank_00 only: it would return tensor-parallel rank 0's halves as the model
-        raise NotImplementedError(f"{checkpoint_dir / tag} was written with tensor parallelism; merging its TP "
-                                  f"shards is not implemented yet: evaluate during training (train.eval_every)")
     saved = torch.load(states[0], map_location="cpu", weights_only=False)["config"]
     cfg: Config = build_config(saved["preset"])
     _fill(cfg, saved)
     tokenizer = load_tokenizer(cfg.model.text.tokenizer_path or cfg.model.text.pretrained_path)
     model = BriVLMoCo(BriVL(cfg.model, vocab_size=len(tokenizer)), cfg.moco)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    # ZeRO-3 shards of every data-parallel rank, and of every tensor-parallel rank put back together
+    state = consolidate(checkpoint_dir / tag, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("momentum.")]
     if missing or unexpected:

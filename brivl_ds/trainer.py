@@ -128,7 +128,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- one step
     def train_step(self, batch: Batch, skipped_rows: int = 0) -> dict[str, float]:
         if self.groups.tp > 1:
-            check_same_batch(batch, self.groups.tp_group)
+            check_same_batch(batch, self.groups.tp_group, self.info.device)
         batch = batch.to(self.info.device, dtype=self.dtype)
         out = run_moco(self.engine, batch)
         loss, parts = moco_loss(out, self.image_queue, self.text_queue, self.cfg.moco.loss_impl)
@@ -273,11 +273,10 @@ class Trainer:
             print(f"resumed from {ckpt_dir}/{tag} at step {self.pos.step}", flush=True)
 
 
-def check_same_batch(batch: Batch, tp_group) -> None:
+def check_same_batch(batch: Batch, tp_group, device: torch.device) -> None:
     """The TP ranks of one group must see the same samples (else the split layers mix different inputs): compare
-    a checksum of the raw batch over the group, one tiny all-gather per step."""
-    checksum = torch.stack([t.to(torch.int64).sum() if not t.is_floating_point() else t.double().sum().to(torch.int64)
-                            for t in batch.tensors()])
+    a checksum of the raw batch over the group, one tiny all-gather per step (on the device: NCCL groups on GPUs)."""
+    checksum = torch.stack([t.double().sum() for t in batch.tensors()]).to(device)
     everyone = [torch.empty_like(checksum) for _ in range(torch.distributed.get_world_size(tp_group))]
     torch.distributed.all_gather(everyone, checksum, group=tp_group)
     if any(not torch.equal(everyone[0], other) for other in everyone[1:]):

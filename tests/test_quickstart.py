@@ -4,23 +4,25 @@ checkpoint, and resume equivalence: 2N steps == N steps + a new process + N step
 The runs train from shards made by the converter (`convert pairs`) out of image files and a JSONL, with DataLoader
 workers, so the whole data path is the one a user's crawl takes."""
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO, deepspeed_train
+from test_presets_matrix import REDUCED
 
 pytestmark = pytest.mark.slow
 N = 3
 
 
 def launch(out_dir, data, *overrides, world=2):
-    """`deepspeed --num_gpus 2 brivl_ds/train.py --preset tiny ...` (CPU processes here), small and fast."""
+    """`deepspeed --num_gpus 2 brivl_ds/train.py --preset tiny ...` (CPU processes here) with the preset matrix's
+    reduced `tiny` variant: this module is the matrix's run of `tiny`."""
     settings = [f"train.output_dir={out_dir}", f"data.train_path={data['train']}", f"data.eval_path={data['eval']}",
-                f"model.text.tokenizer_path={data['tokenizer']}", "model.image.image_size=64",
-                "model.image.backbone=test_convnext", "data.batch_size=4", "moco.queue_size=12",
-                f"train.max_steps={2 * N}", "optim.warmup_steps=2", "train.progress_bar=false", *overrides]
+                f"model.text.tokenizer_path={data['tokenizer']}", *REDUCED["tiny"], f"train.max_steps={2 * N}",
+                "optim.warmup_steps=2", "train.progress_bar=false", *overrides]
     return deepspeed_train("tiny", settings, world)
 
 
@@ -66,7 +68,9 @@ def test_quickstart_trains_checkpoints_and_evaluates(full_run):
     assert all(k in steps[-1] for k in ("loss_i2t", "loss_t2i", "tau", "lr", "grad_norm", "samples_per_s",
                                          "step_time", "queue_fill", "skipped_rows"))
     assert steps[-1]["skipped_rows"] == 0  # the converter let no undecodable image through
-    assert steps[-1]["queue_fill"] == 1.0  # 6 steps x 8 keys > K = 12
+    assert steps[-1]["queue_fill"] == 1.0  # 6 steps x 8 keys > K = 16
+    assert steps[0]["loss"] == 0.0 and len({s["loss"] for s in steps[1:]}) > 1  # empty queues at step 1, then real
+    assert all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in steps)
     result = json.loads((out / "eval.json").read_text())
     assert result["skipped_rows"] == 0
     assert result["n"] == 48 and 0 <= result["i2t_r1"] <= result["i2t_r5"] <= result["i2t_r10"] <= 100

@@ -5,12 +5,14 @@ equal the matching slice of the TP=1 gradient (row-parallel biases and replicate
 """
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_distributed
+from conftest import REPO, run_distributed
 from test_towers import random_batch, small_model_config
 
 pytestmark = pytest.mark.slow
@@ -39,7 +41,8 @@ def _tp_worker(rank, world, pretrained_dir):
 
     from brivl_ds.models.brivl import BriVL
     from brivl_ds.parallel.groups import init_tensor_parallel
-    from brivl_ds.parallel.tensor_parallel import parallelize_towers, parameters_per_tp_rank
+    from brivl_ds.parallel.plan import parameters_per_tp_rank
+    from brivl_ds.parallel.tensor_parallel import parallelize_towers
 
     dist.init_process_group("gloo")
     groups = init_tensor_parallel(2)
@@ -74,26 +77,30 @@ def _tp_worker(rank, world, pretrained_dir):
         else:
             assert p.grad is None, name
     frozen = {n for n, p in reference.named_parameters() if not p.requires_grad}
+    # the trainer's per-step check that the TP ranks of a group were given the same batch
+    from brivl_ds.trainer import check_same_batch
+
+    check_same_batch(batch, groups.tp_group, torch.device("cpu"))
+    if rank == 1:
+        batch.input_ids[0, 0] += 1
+    with pytest.raises(RuntimeError, match="different batches"):
+        check_same_batch(batch, groups.tp_group, torch.device("cpu"))
     assert frozen == {n for n, p in model.named_parameters() if not p.requires_grad}
 
 
-@pytest.mark.parametrize("pretrained", [False, True])
-def test_tp2_towers_equal_tp1_outputs_and_gradients(pretrained, tmp_path):
-    """Random init, and a text encoder loaded from a `save_pretrained` directory (q, k, v split by whole heads)."""
-    directory = ""
-    if pretrained:
-        from brivl_ds.models.text_tower import TextTower
+def test_tp2_towers_equal_tp1_outputs_and_gradients(tmp_path):
+    """With a text encoder loaded from a `save_pretrained` directory: q, k and v must split by whole heads."""
+    from brivl_ds.models.text_tower import TextTower
 
-        torch.manual_seed(5)
-        cfg = small_model_config().text
-        cfg.num_heads = 4
-        TextTower(cfg, 24, vocab_size=50).encoder.save_pretrained(tmp_path / "bert")
-        directory = str(tmp_path / "bert")
-    run_distributed(_tp_worker, 2, directory)
+    torch.manual_seed(5)
+    cfg = small_model_config().text
+    cfg.num_heads = 4
+    TextTower(cfg, 24, vocab_size=50).encoder.save_pretrained(tmp_path / "bert")
+    run_distributed(_tp_worker, 2, str(tmp_path / "bert"))
 
 
 def test_heads_must_split_over_tp():
-    from brivl_ds.parallel.tensor_parallel import head_rows
+    from brivl_ds.parallel.plan import head_rows
 
     assert head_rows(8, 4, 2, 1, fused=3).tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
     with pytest.raises(ValueError, match="heads % TP"):
@@ -144,8 +151,29 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
     for key in ("image_queue", "text_queue"):  # every rank of the world holds the same queue as TP=1's
         torch.testing.assert_close(assembled_queue(tp2 / "checkpoints" / f"step{2 * N}", key),
                                    assembled_queue(tp1 / "checkpoints" / f"step{2 * N}", key), rtol=1e-5, atol=1e-6)
+    # the weights, online and momentum, consolidated from each run's checkpoint (every DP and TP shard)
+    from brivl_ds.config import build_config
+    from brivl_ds.data.tokenizer import load_tokenizer
+    from brivl_ds.models.brivl import BriVL
+    from brivl_ds.moco.model import BriVLMoCo
+    from brivl_ds.parallel.consolidate import consolidate
+
+    cfg = build_config("tiny", ["model.image.image_size=64"])
+    whole = BriVLMoCo(BriVL(cfg.model, vocab_size=len(load_tokenizer(shapes_data["tokenizer"]))), cfg.moco)
+    weights = [consolidate(d / "checkpoints" / f"step{2 * N}", whole) for d in (tp1, tp2)]
+    names = [n for n, _ in whole.named_parameters()]
+    assert all(n in weights[0] and n in weights[1] for n in names)
+    for name in names:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5, msg=name)
     recall = [json.loads((d / "eval.json").read_text()) for d in (tp1, tp2)]
     assert {k: recall[0][k] for k in recall[0] if "_r" in k} == {k: recall[1][k] for k in recall[1] if "_r" in k}
+
+    # the eval command consolidates the TP shards (both data-parallel and tensor-parallel) into the whole model
+    proc = subprocess.run([sys.executable, "-m", "brivl_ds.eval", "--checkpoint", str(tp2 / "checkpoints"),
+                           "--out", str(tp2 / "offline.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = json.loads((tp2 / "offline.json").read_text())
+    assert {k: offline[k] for k in offline if "_r" in k} == {k: recall[0][k] for k in recall[0] if "_r" in k}
 
     launch_tiny(resumed, shapes_data, 2, f"train.resume={tp2}/checkpoints/step{N}")
     assert metric(resumed, "loss") == metric(tp2, "loss")[N:]

@@ -18,14 +18,13 @@ replicated parameters get identical gradients on every TP rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 from brivl_ds.models.layers import SelfAttention
+from brivl_ds.parallel.plan import Split, check_divisible, head_rows, tensor_parallel_plan
 
 
 def model_parallel_config(tp: int) -> ModelParallelConfig:
@@ -50,49 +49,6 @@ class RowParallel(RowParallelLinear):
         return super().forward(x)[0]
 
 
-def head_rows(width: int, heads: int, tp: int, rank: int, fused: int = 1) -> torch.Tensor:
-    """Output rows of rank `rank`'s whole heads in a projection laid out (fused, heads, head_dim)."""
-    if heads % tp:
-        raise ValueError(f"{heads} attention heads do not split over tensor_parallel={tp} (heads % TP must be 0)")
-    block = width // tp
-    return torch.cat([torch.arange(j * width + rank * block, j * width + (rank + 1) * block) for j in range(fused)])
-
-
-@dataclass(frozen=True)
-class Split:
-    """One nn.Linear of a BriVL to split: `column` (output rows; by whole heads when `heads`, per each of `fused`
-    projections stacked in the rows) or `row` (input columns; bias kept whole, added after the all-reduce)."""
-    path: str
-    style: str
-    heads: int = 0
-    fused: int = 1
-
-
-def tensor_parallel_plan(model: nn.Module) -> list[Split]:
-    """Every Linear that tensor parallelism splits in a BriVL (model.image, model.text); the rest is replicated."""
-    plan: list[Split] = []
-    encoder = model.text.encoder
-    for i in range(len(encoder.encoder.layer)):  # HF BERT/RoBERTa names
-        prefix = f"text.encoder.encoder.layer.{i}"
-        plan += [Split(f"{prefix}.attention.self.{n}", "column", encoder.config.num_attention_heads)
-                 for n in ("query", "key", "value")]
-        plan += [Split(f"{prefix}.attention.output.dense", "row"), Split(f"{prefix}.intermediate.dense", "column"),
-                 Split(f"{prefix}.output.dense", "row")]
-    for path in ("image.encoder", "text.self_attention"):
-        for i, layer in enumerate(model.get_submodule(path).layers):
-            prefix = f"{path}.layers.{i}"
-            plan += [Split(f"{prefix}.attn.qkv", "column", layer.attn.heads, fused=3),
-                     Split(f"{prefix}.attn.out", "row"), Split(f"{prefix}.fc1", "column"), Split(f"{prefix}.fc2", "row")]
-    for tower in ("image", "text"):
-        plan += [Split(f"{tower}.head.fc1", "column"), Split(f"{tower}.head.fc2", "row")]
-    return plan
-
-
-def _check_divisible(features: int, tp: int, what: str) -> None:
-    if features % tp:
-        raise ValueError(f"{features} {what} features of a split layer do not divide by tensor_parallel={tp}")
-
-
 def _parallel_linear(linear: nn.Linear, split: Split, tp: int, rank: int, group, config) -> nn.Module:
     """A megatron-core layer holding rank `rank`'s slice of `linear` (weights, bias, requires_grad)."""
     bias = linear.bias is not None
@@ -100,13 +56,13 @@ def _parallel_linear(linear: nn.Linear, split: Split, tp: int, rank: int, group,
         if split.heads:
             rows = head_rows(linear.out_features // split.fused, split.heads, tp, rank, split.fused)
         else:
-            _check_divisible(linear.out_features, tp, "output")
+            check_divisible(linear.out_features, tp, "output")
             rows = torch.tensor_split(torch.arange(linear.out_features), tp)[rank]
         layer = ColumnParallel(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_,
                                bias=bias, gather_output=False, tp_group=group)
         weight, bias_value = linear.weight[rows], linear.bias[rows] if bias else None
     else:
-        _check_divisible(linear.in_features, tp, "input")
+        check_divisible(linear.in_features, tp, "input")
         cols = torch.tensor_split(torch.arange(linear.in_features), tp)[rank]
         layer = RowParallel(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_,
                             bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=group)
@@ -140,24 +96,3 @@ def parallelize(model: nn.Module, tp: int, rank: int, group) -> nn.Module:
     parallelize_towers(model.online, tp, rank, group)
     parallelize_towers(model.momentum, tp, rank, group)
     return model
-
-
-def parameters_per_tp_rank(model: nn.Module, tp: int) -> dict[str, int]:
-    """Exact parameter count each TP rank holds of each tower (before ZeRO-3 divides it by the DP size): split
-    weights and column-parallel biases / TP, everything else whole. Works on the meta device."""
-    plan = tensor_parallel_plan(model)
-    for s in plan:
-        if s.heads % tp:
-            raise ValueError(f"{s.path}: {s.heads} heads do not split over tensor_parallel={tp}")
-    split = {f"{s.path}.weight": tp for s in plan}
-    split.update({f"{s.path}.bias": tp for s in plan if s.style == "column"})
-    counts = {}
-    for tower in ("image", "text"):
-        counts[tower] = 0
-        for name, p in model.get_submodule(tower).named_parameters():
-            n = p.numel()
-            divisor = split.get(f"{tower}.{name}", 1)
-            if n % divisor:
-                raise ValueError(f"{tower}.{name} ({n}) does not divide by tensor_parallel={tp}")
-            counts[tower] += n // divisor
-    return counts

@@ -1,0 +1,76 @@
+"""The tensor-parallel split plan of a BriVL, as data: which Linears split and how (no megatron-core needed).
+
+`parallelize` (tensor_parallel.py) cuts by it, `consolidate` puts checkpoints back together by it, and the presets
+command counts each TP rank's parameters by it, so the three cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def check_divisible(features: int, tp: int, what: str) -> None:
+    if features % tp:
+        raise ValueError(f"{features} {what} features of a split layer do not divide by tensor_parallel={tp}")
+
+
+def head_rows(width: int, heads: int, tp: int, rank: int, fused: int = 1) -> torch.Tensor:
+    """Output rows of rank `rank`'s whole heads in a projection laid out (fused, heads, head_dim)."""
+    if heads % tp:
+        raise ValueError(f"{heads} attention heads do not split over tensor_parallel={tp} (heads % TP must be 0)")
+    block = width // tp
+    return torch.cat([torch.arange(j * width + rank * block, j * width + (rank + 1) * block) for j in range(fused)])
+
+
+@dataclass(frozen=True)
+class Split:
+    """One nn.Linear of a BriVL to split: `column` (output rows; by whole heads when `heads`, per each of `fused`
+    projections stacked in the rows) or `row` (input columns; bias kept whole, added after the all-reduce)."""
+    path: str
+    style: str
+    heads: int = 0
+    fused: int = 1
+
+
+def tensor_parallel_plan(model: nn.Module) -> list[Split]:
+    """Every Linear that tensor parallelism splits in a BriVL (model.image, model.text); the rest is replicated."""
+    plan: list[Split] = []
+    encoder = model.text.encoder
+    for i in range(len(encoder.encoder.layer)):  # HF BERT/RoBERTa names
+        prefix = f"text.encoder.encoder.layer.{i}"
+        plan += [Split(f"{prefix}.attention.self.{n}", "column", encoder.config.num_attention_heads)
+                 for n in ("query", "key", "value")]
+        plan += [Split(f"{prefix}.attention.output.dense", "row"), Split(f"{prefix}.intermediate.dense", "column"),
+                 Split(f"{prefix}.output.dense", "row")]
+    for path in ("image.encoder", "text.self_attention"):
+        for i, layer in enumerate(model.get_submodule(path).layers):
+            prefix = f"{path}.layers.{i}"
+            qkv = Split(f"{prefix}.attn.qkv", "column", layer.attn.heads, fused=3)
+            plan += [qkv, Split(f"{prefix}.attn.out", "row"), Split(f"{prefix}.fc1", "column"),
+                     Split(f"{prefix}.fc2", "row")]
+    for tower in ("image", "text"):
+        plan += [Split(f"{tower}.head.fc1", "column"), Split(f"{tower}.head.fc2", "row")]
+    return plan
+
+
+def parameters_per_tp_rank(model: nn.Module, tp: int) -> dict[str, int]:
+    """Exact parameter count each TP rank holds of each tower (before ZeRO-3 divides it by the DP size): split
+    weights and column-parallel biases / TP, everything else whole. Works on the meta device."""
+    plan = tensor_parallel_plan(model)
+    for s in plan:
+        if s.heads % tp:
+            raise ValueError(f"{s.path}: {s.heads} heads do not split over tensor_parallel={tp}")
+    split = {f"{s.path}.weight": tp for s in plan}
+    split.update({f"{s.path}.bias": tp for s in plan if s.style == "column"})
+    counts = {}
+    for tower in ("image", "text"):
+        counts[tower] = 0
+        for name, p in model.get_submodule(tower).named_parameters():
+            n = p.numel()
+            divisor = split.get(f"{tower}.{name}", 1)
+            if n % divisor:
+                raise ValueError(f"{tower}.{name} ({n}) does not divide by tensor_parallel={tp}")
+            counts[tower] += n // divisor
+    return counts
