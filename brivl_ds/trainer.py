@@ -75,10 +75,10 @@ def resolve_data(cfg: Config, info: DistInfo) -> None:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.info = init_distributed(cfg.train.threads)
-        if cfg.parallel.sequence_parallel:
+        if cfg.parallel.sequence_parallel:  # before anything starts
             raise ValueError("parallel.sequence_parallel is not supported: DeepSpeed would not all-reduce the "
                              "LayerNorm gradients of sequence-parallel regions")
+        self.info = init_distributed(cfg.train.threads)
         # Tensor-parallel and data-parallel groups (TP innermost); TP = 1 leaves every rank data-parallel.
         self.groups = init_tensor_parallel(cfg.parallel.tensor_parallel)
         deepspeed.runtime.utils.set_random_seed(cfg.train.seed)  # the same on every rank: TP ranks build one model

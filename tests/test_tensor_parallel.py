@@ -178,3 +178,11 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
     launch_tiny(resumed, shapes_data, 2, f"train.resume={tp2}/checkpoints/step{N}")
     assert metric(resumed, "loss") == metric(tp2, "loss")[N:]
     assert metric(resumed, "grad_norm") == metric(tp2, "grad_norm")[N:]
+
+
+def test_sequence_parallel_is_refused_before_anything_starts():
+    from brivl_ds.config import build_config
+    from brivl_ds.trainer import Trainer
+
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        Trainer(build_config("tiny", ["parallel.sequence_parallel=true"]))
