@@ -152,6 +152,9 @@ class ParallelConfig:
     tensor_parallel: int = 1
     """Tensor-parallel size (megatron-core): both towers' transformer layers and heads are split over this many
     ranks (the GPUs of one node), ZeRO-3 shards over the rest (data parallel). 1 = off."""
+    vocab_parallel: bool = False
+    """With TP > 1, also split the text encoder's word embedding by vocabulary rows (padded with zero rows to a
+    multiple of TP); off, every TP rank holds the whole embedding."""
     sequence_parallel: bool = False
     """Refused: DeepSpeed would not all-reduce the LayerNorm gradients of sequence-parallel regions."""
 

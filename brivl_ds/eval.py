@@ -40,7 +40,7 @@ def load_online_model(checkpoint_dir: Path, tag: str | None):
     tokenizer = load_tokenizer(cfg.model.text.tokenizer_path or cfg.model.text.pretrained_path)
     model = BriVLMoCo(BriVL(cfg.model, vocab_size=len(tokenizer)), cfg.moco)
     # ZeRO-3 shards of every data-parallel rank, and of every tensor-parallel rank put back together
-    state = consolidate(checkpoint_dir / tag, model)
+    state = consolidate(checkpoint_dir / tag, model, vocab_parallel=cfg.parallel.vocab_parallel)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("momentum.")]
     if missing or unexpected:

@@ -42,7 +42,7 @@ def tensor_parallel_report(preset: str, overrides: list[str] | None = None, voca
     report: dict[int, dict[str, int] | str] = {}
     for tp in sizes:
         try:
-            report[tp] = parameters_per_tp_rank(model, tp)
+            report[tp] = parameters_per_tp_rank(model, tp, cfg.parallel.vocab_parallel)
         except ValueError as err:
             report[tp] = str(err)
     return report

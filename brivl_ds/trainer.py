@@ -96,9 +96,13 @@ class Trainer:
 
         model = BriVLMoCo(BriVL(cfg.model, vocab_size=len(self.tokenizer)), cfg.moco)
         if self.groups.tp > 1:  # applied to the built model: the towers know nothing of it
+            from brivl_ds.parallel.rng import init_tensor_parallel_rng
             from brivl_ds.parallel.tensor_parallel import parallelize
 
-            parallelize(model, self.groups.tp, self.groups.tp_rank, self.groups.tp_group)
+            parallelize(model, self.groups.tp, self.groups.tp_rank, self.groups.tp_group,
+                        cfg.parallel.vocab_parallel)
+            # attention dropout on a rank's own heads draws from a per-TP-rank stream; the rest from the shared one
+            init_tensor_parallel_rng(cfg.train.seed, self.groups.tp_rank, self.info.device)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         ds_config = load_ds_config(cfg)

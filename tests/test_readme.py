@@ -47,12 +47,16 @@ def test_tensor_parallel_table_matches_the_split_plan():
     from brivl_ds.presets import tensor_parallel_report
 
     text = (REPO / "README.md").read_text()
-    rows = dict((int(tp), (img, txt)) for tp, img, txt in
-                re.findall(r"^\| (\d) \| (?:[^|]*: )?([\d,]+) \| ([\d,]+) \| [\d.]+ MiB \| [\d.]+ MiB \|$", text, re.M))
+    rows = {int(tp): cells for tp, *cells in re.findall(
+        r"^\| (\d) \| (?:[^|]*: )?([\d,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d.]+) MiB \| ([\d.]+) MiB \| ([\d.]+) MiB \|$",
+        text, re.M)}
     assert sorted(rows) == [1, 2, 4, 8]
-    preset, sixteen_heads = tensor_parallel_report("paper-1b"), tensor_parallel_report(
-        "paper-1b", ["model.image.num_heads=16"])
-    assert isinstance(preset[8], str) and "4 heads" in preset[8]
-    for tp, (image, text_tower) in rows.items():
-        counts = preset[tp] if tp < 8 else sixteen_heads[tp]
-        assert (f"{counts['image']:,}", f"{counts['text']:,}") == (image, text_tower), tp
+    report = {vocab: (tensor_parallel_report("paper-1b", [f"parallel.vocab_parallel={vocab}"]),
+                      tensor_parallel_report("paper-1b", [f"parallel.vocab_parallel={vocab}",
+                                                          "model.image.num_heads=16"])) for vocab in (False, True)}
+    assert isinstance(report[False][0][8], str) and "4 heads" in report[False][0][8]
+    mib = lambda n: f"{n * 2 / 2 ** 20:.1f}"  # noqa: E731 (bf16 bytes)
+    for tp, cells in rows.items():
+        plain, vocab = (report[v][0][tp] if tp < 8 else report[v][1][tp] for v in (False, True))
+        assert cells == [f"{plain['image']:,}", f"{plain['text']:,}", f"{vocab['text']:,}", mib(plain["image"]),
+                         mib(plain["text"]), mib(vocab["text"])], tp

@@ -25,6 +25,9 @@ def test_megatron_core_imports_on_a_cpu_only_host():
     assert megatron.core.__version__
 
 
+VOCAB = 51  # odd: the vocabulary-parallel embedding pads it to 52, and the padding row must never matter
+
+
 def sliced_like(reference: torch.nn.Module, values: dict[str, torch.Tensor], tp: int, rank: int, group):
     """A copy of `reference` holding `values` (e.g. its gradients) in place of its weights, split like the model:
     the expected per-rank slice of every TP parameter, by the same rules, for free."""
@@ -33,7 +36,7 @@ def sliced_like(reference: torch.nn.Module, values: dict[str, torch.Tensor], tp:
     holder = copy.deepcopy(reference)
     for name, p in holder.named_parameters():
         p.data = values[name].clone()
-    return dict(parallelize_towers(holder, tp, rank, group).named_parameters())
+    return dict(parallelize_towers(holder, tp, rank, group, vocab_parallel=True).named_parameters())
 
 
 def _tp_worker(rank, world, pretrained_dir):
@@ -42,25 +45,30 @@ def _tp_worker(rank, world, pretrained_dir):
     from brivl_ds.models.brivl import BriVL
     from brivl_ds.parallel.groups import init_tensor_parallel
     from brivl_ds.parallel.plan import parameters_per_tp_rank
+    from brivl_ds.parallel.rng import init_tensor_parallel_rng
     from brivl_ds.parallel.tensor_parallel import parallelize_towers
 
     dist.init_process_group("gloo")
     groups = init_tensor_parallel(2)
     assert (groups.tp, groups.dp, groups.tp_rank) == (2, 1, rank)
+    init_tensor_parallel_rng(0, groups.tp_rank, torch.device("cpu"))
     torch.manual_seed(0)  # the same whole model on both ranks, as every TP rank builds it
     cfg = small_model_config()
     cfg.text.num_heads, cfg.text.sa_heads, cfg.image.num_heads = 4, 4, 4
     cfg.text.trainable_top_layers = 1  # frozen layers stay frozen in their TP form
     if pretrained_dir:
         cfg.text.pretrained_path = pretrained_dir
-    reference = BriVL(cfg, vocab_size=50).train()
-    model = parallelize_towers(copy.deepcopy(reference), 2, groups.tp_rank, groups.tp_group)
+    reference = BriVL(cfg, vocab_size=VOCAB).train()
+    reference.text.encoder.embeddings.word_embeddings.weight.requires_grad_(True)  # to compare its gradient slices
+    model = parallelize_towers(copy.deepcopy(reference), 2, groups.tp_rank, groups.tp_group, vocab_parallel=True)
     split = [n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)]
     held = {t: sum(p.numel() for p in model.get_submodule(t).parameters()) for t in ("image", "text")}
-    assert held == parameters_per_tp_rank(reference, 2)  # the planner's exact count (README's TP table)
+    assert held == parameters_per_tp_rank(reference, 2, vocab_parallel=True)  # the planner's exact count
     assert any(".query." in n for n in split) and any("attn.qkv" in n for n in split) and any("head.fc1" in n
                                                                                                 for n in split)
-    batch = random_batch()
+    assert model.text.encoder.embeddings.word_embeddings.weight.shape[0] == 26  # (51 + 1 padding row) / 2
+    batch = random_batch(vocab=VOCAB)
+    batch.input_ids[:, -1] = 0  # the padding token (padding_idx: no gradient on its row, on rank 0 only)
     weights = torch.randn(2, 3, cfg.embed_dim, generator=torch.Generator().manual_seed(3))
     outputs = {}
     for name, m in (("tp1", reference), ("tp2", model)):
@@ -95,8 +103,94 @@ def test_tp2_towers_equal_tp1_outputs_and_gradients(tmp_path):
     torch.manual_seed(5)
     cfg = small_model_config().text
     cfg.num_heads = 4
-    TextTower(cfg, 24, vocab_size=50).encoder.save_pretrained(tmp_path / "bert")
+    TextTower(cfg, 24, vocab_size=VOCAB).encoder.save_pretrained(tmp_path / "bert")
     run_distributed(_tp_worker, 2, str(tmp_path / "bert"))
+
+
+def _captured_core_outputs(model, batch) -> dict[str, torch.Tensor]:
+    """Run `model` and return, per attention core, what it hands to its row-parallel output projection: the
+    rank's own heads after attention dropout."""
+    captured, hooks = {}, []
+    for core, out in (("image.encoder.layers.0.attn", "image.encoder.layers.0.attn.out"),
+                      ("text.encoder.encoder.layer.0.attention.self",
+                       "text.encoder.encoder.layer.0.attention.output.dense")):
+        hooks.append(model.get_submodule(out).register_forward_pre_hook(
+            lambda m, args, core=core: captured.setdefault(core, args[0].detach().clone())))
+    model(batch)
+    for h in hooks:
+        h.remove()
+    return captured
+
+
+def _dropout_worker(rank, world):
+    import torch.distributed as dist
+
+    from brivl_ds.checkpoint import rng_state, set_rng_state
+    from brivl_ds.models.brivl import BriVL
+    from brivl_ds.parallel.groups import init_tensor_parallel
+    from brivl_ds.parallel.rng import init_tensor_parallel_rng
+    from brivl_ds.parallel.tensor_parallel import parallelize_towers
+
+    dist.init_process_group("gloo")
+    groups = init_tensor_parallel(2)
+    torch.manual_seed(0)
+    cfg = small_model_config()
+    cfg.text.num_heads, cfg.image.num_heads = 4, 4
+    cfg.image.dropout = cfg.text.dropout = cfg.text.encoder_dropout = 0.5
+    model = parallelize_towers(BriVL(cfg, vocab_size=50), 2, groups.tp_rank, groups.tp_group).train()
+    # q = k = 0 and v = 1 in every local head: each head's output is its dropout mask averaged over the keys
+    for path in ("image.encoder.layers.0.attn.qkv",):
+        layer = model.get_submodule(path)
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.bias.zero_()
+            layer.bias[2 * layer.bias.numel() // 3:] = 1.0
+    attention = model.text.encoder.encoder.layer[0].attention.self
+    with torch.no_grad():
+        for layer in (attention.query, attention.key, attention.value):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        attention.value.bias.fill_(1.0)
+    batch = random_batch()
+
+    def gathered(tensor):
+        out = [torch.empty_like(tensor) for _ in range(2)]
+        dist.all_gather(out, tensor.contiguous())
+        return out
+
+    for shared_stream in (False, True):  # per-TP-rank streams, then (the control) one stream on both ranks
+        init_tensor_parallel_rng(0, 0 if shared_stream else groups.tp_rank, torch.device("cpu"))
+        torch.manual_seed(1)
+        captured = _captured_core_outputs(model, batch)
+        for core, local in captured.items():
+            assert not torch.allclose(local, torch.ones_like(local)), core  # dropout did act
+            mine, theirs = gathered(local)
+            assert torch.equal(mine, theirs) == shared_stream, core
+        # replicated activations: one dropout mask on every TP rank, so the embeddings are the same tensor
+        image, text = model(batch)
+        for tensor in (image, text):
+            mine, theirs = gathered(tensor.detach())
+            assert torch.equal(mine, theirs)
+
+    # the per-TP-rank stream is part of the checkpointed RNG state: after restoring it, the same masks again
+    init_tensor_parallel_rng(0, groups.tp_rank, torch.device("cpu"))
+    model(batch)  # advance the streams
+    saved = rng_state()
+    first = _captured_core_outputs(model, batch)
+    set_rng_state(saved)
+    again = _captured_core_outputs(model, batch)
+    for core in first:
+        assert torch.equal(first[core], again[core]), core
+    set_rng_state(saved)
+    init_tensor_parallel_rng(0, groups.tp_rank, torch.device("cpu"))  # the control: the stream restarted instead
+    fresh = _captured_core_outputs(model, batch)
+    assert not all(torch.equal(first[c], fresh[c]) for c in first)
+
+
+def test_split_activations_get_per_rank_dropout_masks_and_resume_exactly():
+    """Attention dropout on a rank's own heads draws from a per-TP-rank stream (megatron's tracker, or its CPU
+    counterpart), the rest of the dropout from the stream shared by the TP ranks; both are checkpointed."""
+    run_distributed(_dropout_worker, 2)
 
 
 def test_heads_must_split_over_tp():
@@ -141,7 +235,7 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
     step N in a new process bit for bit."""
     tp1, tp2, resumed = tmp_path / "tp1", tmp_path / "tp2", tmp_path / "resumed"
     launch_tiny(tp1, shapes_data, 1)
-    log = launch_tiny(tp2, shapes_data, 2)
+    log = launch_tiny(tp2, shapes_data, 2, "parallel.vocab_parallel=true")
     assert f"eval @ step {2 * N}" in log
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(torch.tensor(metric(tp2, key)), torch.tensor(metric(tp1, key)), rtol=1e-5,
@@ -160,7 +254,7 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
 
     cfg = build_config("tiny", ["model.image.image_size=64"])
     whole = BriVLMoCo(BriVL(cfg.model, vocab_size=len(load_tokenizer(shapes_data["tokenizer"]))), cfg.moco)
-    weights = [consolidate(d / "checkpoints" / f"step{2 * N}", whole) for d in (tp1, tp2)]
+    weights = [consolidate(d / "checkpoints" / f"step{2 * N}", whole, vocab_parallel=d == tp2) for d in (tp1, tp2)]
     names = [n for n, _ in whole.named_parameters()]
     assert all(n in weights[0] and n in weights[1] for n in names)
     for name in names:
@@ -175,7 +269,7 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
     offline = json.loads((tp2 / "offline.json").read_text())
     assert {k: offline[k] for k in offline if "_r" in k} == {k: recall[0][k] for k in recall[0] if "_r" in k}
 
-    launch_tiny(resumed, shapes_data, 2, f"train.resume={tp2}/checkpoints/step{N}")
+    launch_tiny(resumed, shapes_data, 2, "parallel.vocab_parallel=true", f"train.resume={tp2}/checkpoints/step{N}")
     assert metric(resumed, "loss") == metric(tp2, "loss")[N:]
     assert metric(resumed, "grad_norm") == metric(tp2, "grad_norm")[N:]
 

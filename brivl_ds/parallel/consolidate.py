@@ -34,9 +34,10 @@ def _consolidate_mp_rank(checkpoint: Path, mp_rank: int) -> dict[str, torch.Tens
         return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=checkpoint.name)
 
 
-def consolidate(checkpoint: Path, whole_model: nn.Module, prefixes: tuple[str, ...] = ("online.", "momentum.")
-                ) -> dict[str, torch.Tensor]:
-    """The state dict of `whole_model` (a BriVLMoCo built unsplit) from a TP checkpoint folder (one tag)."""
+def consolidate(checkpoint: Path, whole_model: nn.Module, prefixes: tuple[str, ...] = ("online.", "momentum."),
+                vocab_parallel: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of `whole_model` (a BriVLMoCo built unsplit) from a TP checkpoint folder (one tag), written
+    with `parallel.vocab_parallel` = `vocab_parallel`."""
     tp = tp_size_of(checkpoint)
     shards = [_consolidate_mp_rank(checkpoint, m) for m in range(tp)]
     if tp == 1:
@@ -44,9 +45,13 @@ def consolidate(checkpoint: Path, whole_model: nn.Module, prefixes: tuple[str, .
     merged = dict(shards[0])  # replicated parameters, buffers, row-parallel biases: rank 0's copy
     for prefix in prefixes:
         towers = whole_model.get_submodule(prefix.rstrip("."))
-        for split in tensor_parallel_plan(towers):
+        for split in tensor_parallel_plan(towers, vocab_parallel):
             linear = towers.get_submodule(split.path)
             name = f"{prefix}{split.path}"
+            if split.style == "vocab":  # rows in rank order, then the padding dropped
+                rows = torch.cat([shard[f"{name}.weight"] for shard in shards])
+                merged[f"{name}.weight"] = rows[:linear.weight.shape[0]]
+                continue
             weight = torch.empty_like(linear.weight, device="cpu", dtype=torch.float32)
             bias = torch.empty_like(linear.bias, device="cpu", dtype=torch.float32) if linear.bias is not None else None
             for rank, shard in enumerate(shards):

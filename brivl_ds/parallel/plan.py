@@ -24,19 +24,28 @@ def head_rows(width: int, heads: int, tp: int, rank: int, fused: int = 1) -> tor
     return torch.cat([torch.arange(j * width + rank * block, j * width + (rank + 1) * block) for j in range(fused)])
 
 
+def padded_vocab(vocab: int, tp: int) -> int:
+    """The vocabulary rounded up to a multiple of TP (megatron's VocabParallelEmbedding needs equal slices)."""
+    return -(-vocab // tp) * tp
+
+
 @dataclass(frozen=True)
 class Split:
-    """One nn.Linear of a BriVL to split: `column` (output rows; by whole heads when `heads`, per each of `fused`
-    projections stacked in the rows) or `row` (input columns; bias kept whole, added after the all-reduce)."""
+    """One layer of a BriVL to split: a Linear `column` (output rows; by whole heads when `heads`, per each of
+    `fused` projections stacked in the rows) or `row` (input columns; bias kept whole, added after the all-reduce),
+    or the word embedding by `vocab` rows (padded to a multiple of TP)."""
     path: str
     style: str
     heads: int = 0
     fused: int = 1
 
 
-def tensor_parallel_plan(model: nn.Module) -> list[Split]:
-    """Every Linear that tensor parallelism splits in a BriVL (model.image, model.text); the rest is replicated."""
-    plan: list[Split] = []
+WORD_EMBEDDING = "text.encoder.embeddings.word_embeddings"
+
+
+def tensor_parallel_plan(model: nn.Module, vocab_parallel: bool = False) -> list[Split]:
+    """Every layer that tensor parallelism splits in a BriVL (model.image, model.text); the rest is replicated."""
+    plan: list[Split] = [Split(WORD_EMBEDDING, "vocab")] if vocab_parallel else []
     encoder = model.text.encoder
     for i in range(len(encoder.encoder.layer)):  # HF BERT/RoBERTa names
         prefix = f"text.encoder.encoder.layer.{i}"
@@ -55,20 +64,33 @@ def tensor_parallel_plan(model: nn.Module) -> list[Split]:
     return plan
 
 
-def parameters_per_tp_rank(model: nn.Module, tp: int) -> dict[str, int]:
+def split_attention_cores(model: nn.Module) -> list[str]:
+    """The modules whose forward computes on a rank's own heads only (q/k/v in, pre-output-projection out): their
+    dropout (on the attention probabilities) must draw per-TP-rank masks."""
+    cores = [f"text.encoder.encoder.layer.{i}.attention.self" for i in range(len(model.text.encoder.encoder.layer))]
+    for path in ("image.encoder", "text.self_attention"):
+        cores += [f"{path}.layers.{i}.attn" for i in range(len(model.get_submodule(path).layers))]
+    return cores
+
+
+def parameters_per_tp_rank(model: nn.Module, tp: int, vocab_parallel: bool = False) -> dict[str, int]:
     """Exact parameter count each TP rank holds of each tower (before ZeRO-3 divides it by the DP size): split
-    weights and column-parallel biases / TP, everything else whole. Works on the meta device."""
-    plan = tensor_parallel_plan(model)
+    weights and column-parallel biases / TP, the vocabulary-parallel embedding's padded rows / TP, everything else
+    whole. Works on the meta device."""
+    plan = tensor_parallel_plan(model, vocab_parallel)
     for s in plan:
         if s.heads % tp:
             raise ValueError(f"{s.path}: {s.heads} heads do not split over tensor_parallel={tp}")
-    split = {f"{s.path}.weight": tp for s in plan}
+    split = {f"{s.path}.weight": tp for s in plan if s.style != "vocab"}
     split.update({f"{s.path}.bias": tp for s in plan if s.style == "column"})
     counts = {}
     for tower in ("image", "text"):
         counts[tower] = 0
         for name, p in model.get_submodule(tower).named_parameters():
             n = p.numel()
+            if f"{tower}.{name}" == f"{WORD_EMBEDDING}.weight" and vocab_parallel:
+                counts[tower] += padded_vocab(p.shape[0], tp) // tp * p.shape[1]
+                continue
             divisor = split.get(f"{tower}.{name}", 1)
             if n % divisor:
                 raise ValueError(f"{tower}.{name} ({n}) does not divide by tensor_parallel={tp}")

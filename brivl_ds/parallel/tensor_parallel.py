@@ -10,7 +10,12 @@ them, so a model built (and loaded from pretrained files) whole becomes its TP s
     (3, heads, head_dim), so a plain chunk of the fused weight would hand one rank all of q and part of k), the
     output row-parallel; fc1 column-parallel, fc2 row-parallel;
   - both projection heads: fc1 column-parallel, fc2 row-parallel, so the [B, D] embedding comes out whole on every
-    TP rank and the loss, queues and kernels are unchanged.
+    TP rank and the loss, queues and kernels are unchanged;
+  - optionally (`parallel.vocab_parallel`) the word embedding, by rows of the vocabulary padded to a multiple of TP.
+
+The attention cores (q/k/v to the pre-output activations, a rank's own heads) run on the per-TP-rank RNG stream
+(rng.py), so their attention dropout masks are independent across TP ranks; all other dropout sees replicated
+activations and draws the same mask on every TP rank.
 
 Everything else (the CNN, RoIAlign, embeddings, LayerNorms, box projections, row-parallel biases) is replicated
 on the TP ranks. A column-parallel layer all-reduces its input gradient and a row-parallel one its output, so
@@ -20,11 +25,15 @@ from __future__ import annotations
 
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from torch import nn
 
 from brivl_ds.models.layers import SelfAttention
-from brivl_ds.parallel.plan import Split, check_divisible, head_rows, tensor_parallel_plan
+from brivl_ds.parallel.plan import (Split, check_divisible, head_rows, padded_vocab, split_attention_cores,
+                                    tensor_parallel_plan)
+from brivl_ds.parallel.rng import fork_rng_in_forward
 
 
 def model_parallel_config(tp: int) -> ModelParallelConfig:
@@ -47,6 +56,37 @@ class RowParallel(RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)[0]
+
+
+class VocabParallel(VocabParallelEmbedding):
+    """megatron-core's VocabParallelEmbedding that keeps nn.Embedding's padding_idx (whose row gets no gradient)
+    on the rank that holds it, so training matches the unsplit embedding."""
+
+    def __init__(self, *args, padding_idx: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        inside = padding_idx is not None and self.vocab_start_index <= padding_idx < self.vocab_end_index
+        self.local_padding_idx = padding_idx - self.vocab_start_index if inside else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
+        local = (ids - self.vocab_start_index).masked_fill(outside, 0)
+        rows = F.embedding(local, self.weight, padding_idx=self.local_padding_idx)
+        rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)  # other ranks' tokens: their rows come in the reduce
+        return reduce_from_tensor_model_parallel_region(rows, group=self.tp_group)
+
+
+def _vocab_parallel_embedding(embedding: nn.Embedding, tp: int, rank: int, group, config) -> nn.Module:
+    """Rank `rank`'s rows of `embedding`, the vocabulary padded with zero rows to a multiple of TP (never looked
+    up: token ids stay below the real vocabulary)."""
+    vocab, width = embedding.weight.shape
+    layer = VocabParallel(padded_vocab(vocab, tp), width, init_method=nn.init.zeros_, config=config, tp_group=group,
+                          padding_idx=embedding.padding_idx)
+    padded = torch.zeros(padded_vocab(vocab, tp), width, dtype=embedding.weight.dtype)
+    padded[:vocab] = embedding.weight.detach()
+    with torch.no_grad():
+        layer.weight.copy_(padded[layer.vocab_start_index:layer.vocab_end_index])
+    layer.weight.requires_grad_(embedding.weight.requires_grad)
+    return layer
 
 
 def _parallel_linear(linear: nn.Linear, split: Split, tp: int, rank: int, group, config) -> nn.Module:
@@ -76,23 +116,29 @@ def _parallel_linear(linear: nn.Linear, split: Split, tp: int, rank: int, group,
     return layer
 
 
-def parallelize_towers(model: nn.Module, tp: int, rank: int, group) -> nn.Module:
-    """Split a built BriVL (model.image, model.text) over the tensor-parallel group in place; TP=1 is a no-op."""
+def parallelize_towers(model: nn.Module, tp: int, rank: int, group, vocab_parallel: bool = False) -> nn.Module:
+    """Split a built BriVL (model.image, model.text) over the tensor-parallel group in place; TP=1 is a no-op.
+    Its forward then needs the per-TP-rank RNG stream (rng.init_tensor_parallel_rng)."""
     if tp == 1:
         return model
     config = model_parallel_config(tp)
-    for split in tensor_parallel_plan(model):
+    for split in tensor_parallel_plan(model, vocab_parallel):
         parent_path, name = split.path.rsplit(".", 1)
         parent = model.get_submodule(parent_path)
+        if split.style == "vocab":
+            setattr(parent, name, _vocab_parallel_embedding(getattr(parent, name), tp, rank, group, config))
+            continue
         setattr(parent, name, _parallel_linear(getattr(parent, name), split, tp, rank, group, config))
         if isinstance(parent, SelfAttention) and name == "qkv":
             parent.heads //= tp  # it now computes its local heads; the layer's only TP-aware field
+    for path in split_attention_cores(model):
+        fork_rng_in_forward(model.get_submodule(path))
     return model
 
 
-def parallelize(model: nn.Module, tp: int, rank: int, group) -> nn.Module:
+def parallelize(model: nn.Module, tp: int, rank: int, group, vocab_parallel: bool = False) -> nn.Module:
     """Split a BriVLMoCo's online and momentum towers identically (each built whole from the same weights), so
     ZeRO-3 partitions both the same way and the EMA stays a local update of each rank's own shard."""
-    parallelize_towers(model.online, tp, rank, group)
-    parallelize_towers(model.momentum, tp, rank, group)
+    parallelize_towers(model.online, tp, rank, group, vocab_parallel)
+    parallelize_towers(model.momentum, tp, rank, group, vocab_parallel)
     return model
