@@ -7,6 +7,7 @@ One optimizer step (`train_step`), read top to bottom:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ from brivl_ds.ds_config import load_ds_config
 from brivl_ds.evaluation import evaluate_retrieval
 from brivl_ds.models.brivl import Batch, BriVL
 from brivl_ds.moco.loss import moco_loss
-from brivl_ds.moco.model import BriVLMoCo, run_moco
+from brivl_ds.models.partitioned import partitioned_construction
+from brivl_ds.moco.model import BriVLMoCo, build_brivl_moco, run_moco
 from brivl_ds.moco.momentum import MomentumUpdater
 from brivl_ds.moco.queue import KeyQueue
 from brivl_ds.optim import build_optimizer, build_scheduler
@@ -94,18 +96,21 @@ class Trainer:
         steps_per_epoch = self.stream.batches_per_epoch // cfg.train.grad_accum_steps
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.epochs
 
-        model = BriVLMoCo(BriVL(cfg.model, vocab_size=len(self.tokenizer)), cfg.moco)
+        ds_config = load_ds_config(cfg)
+        # Partitioned construction: every module's parameters are split over the data-parallel group as soon as
+        # it is built, so no rank ever holds a whole tower (online or momentum).
+        construct = functools.partial(partitioned_construction, ds_config, self.groups.dp_group)
+        model = build_brivl_moco(cfg.model, cfg.moco, len(self.tokenizer), construct)
         if self.groups.tp > 1:  # applied to the built model: the towers know nothing of it
             from brivl_ds.parallel.rng import init_tensor_parallel_rng
             from brivl_ds.parallel.tensor_parallel import parallelize
 
             parallelize(model, self.groups.tp, self.groups.tp_rank, self.groups.tp_group,
-                        cfg.parallel.vocab_parallel)
+                        cfg.parallel.vocab_parallel, construct)
             # attention dropout on a rank's own heads draws from a per-TP-rank stream; the rest from the shared one
             init_tensor_parallel_rng(cfg.train.seed, self.groups.tp_rank, self.info.device)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
-        ds_config = load_ds_config(cfg)
         check_batchnorm_precision(model, cfg, ds_config)
         # With TP, DeepSpeed needs the groups: ZeRO-3 then partitions each TP shard over its DP group only, and
         # the gradient norm counts TP-split parameters once per shard.

@@ -6,23 +6,29 @@ out of the optimizer. The EMA itself is applied by brivl_ds.moco.momentum on eac
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Callable
+from typing import ContextManager
 
 import torch
 from torch import nn
 
-from brivl_ds.config import MocoConfig
+from brivl_ds.config import ModelConfig, MocoConfig
 from brivl_ds.models.brivl import Batch, BriVL
+from brivl_ds.models.partitioned import any_partitioned, load_pretrained_towers
 from brivl_ds.moco.loss import MocoOutputs
 
 
 class BriVLMoCo(nn.Module):
-    def __init__(self, online: BriVL, cfg: MocoConfig):
+    def __init__(self, online: BriVL, cfg: MocoConfig, momentum: BriVL | None = None):
+        """`momentum`: a second instance built like `online` (required for partitioned parameters, which deepcopy
+        cannot copy; see build_brivl_moco); None = a deepcopy of `online`."""
         super().__init__()
         self.cfg = cfg
         self.online = online
-        self.momentum = copy.deepcopy(online)
+        self.momentum = momentum if momentum is not None else copy.deepcopy(online)
         for p in self.momentum.parameters():
             p.requires_grad_(False)
         # log(tau) keeps tau positive; shape [1] because DeepSpeed cannot broadcast 0-d parameters.
@@ -50,6 +56,31 @@ class BriVLMoCo(nn.Module):
         with torch.no_grad():
             image_key, text_key = self.momentum(batch)
         return image_query, text_query, image_key.detach(), text_key.detach(), self.tau()
+
+
+def build_brivl_moco(model_cfg: ModelConfig, moco_cfg: MocoConfig, vocab_size: int,
+                     construct: Callable[[], ContextManager] = contextlib.nullcontext) -> BriVLMoCo:
+    """Online towers and their momentum copy built under `construct` (zero.Init when training: no rank ever holds
+    a whole tower). The momentum towers are a second instance drawn from the same generator state, so they start
+    equal to the online ones, and the generator ends where one build leaves it (as a deepcopy would)."""
+    with construct():
+        before = torch.get_rng_state()
+        cuda_before = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        online = BriVL(model_cfg, vocab_size=vocab_size)
+        after = torch.get_rng_state()
+        cuda_after = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        torch.set_rng_state(before)
+        if cuda_before is not None:
+            torch.cuda.set_rng_state(cuda_before)
+        momentum = BriVL(model_cfg, vocab_size=vocab_size)
+        torch.set_rng_state(after)
+        if cuda_after is not None:
+            torch.cuda.set_rng_state(cuda_after)
+        model = BriVLMoCo(online, moco_cfg, momentum=momentum)
+    if any_partitioned(model):  # pretrained files are read module by module, outside zero.Init
+        for towers in (model.online, model.momentum):
+            load_pretrained_towers(towers, model_cfg)
+    return model
 
 
 def run_moco(model, batch: Batch) -> MocoOutputs:

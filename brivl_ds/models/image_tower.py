@@ -11,15 +11,30 @@ from torchvision.ops import roi_align
 from brivl_ds.config import ImageTowerConfig
 from brivl_ds.models.batchnorm import freeze_batchnorm_statistics
 from brivl_ds.models.layers import ProjectionHead, SelfAttentionBlock, masked_mean
+from brivl_ds.models.partitioned import forked_rng, keep_float_buffers_fp32, replay_timm_init, under_zero_init
 
 
 def create_backbone(cfg: ImageTowerConfig) -> nn.Module:
-    """A timm model without classifier or pooling; weights only from a local file, never from a hub."""
+    """A timm model without classifier or pooling; weights only from a local file, never from a hub.
+
+    Under zero.Init (partitioned construction) timm's initialisation, which recurses over the finished model, is
+    replayed module by module; a pretrained file is loaded by `load_pretrained_towers` after the zero.Init
+    context (models/partitioned.py)."""
     kwargs = dict(num_classes=0, global_pool="")
+    partitioned = under_zero_init()
     if cfg.pretrained_path:
-        return timm.create_model(cfg.backbone, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=cfg.pretrained_path), **kwargs)
-    return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+        with forked_rng():  # the loader's draws must not shift what is built after it
+            if not partitioned:
+                return timm.create_model(cfg.backbone, pretrained=True,
+                                         pretrained_cfg_overlay=dict(file=cfg.pretrained_path), **kwargs)
+            backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+            keep_float_buffers_fp32(backbone)  # the statistics are loaded in fp32
+            return backbone
+    backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+    if partitioned:
+        keep_float_buffers_fp32(backbone)
+        replay_timm_init(backbone)  # the draws timm's init would have made, in its order
+    return backbone
 
 
 def freeze_lower_groups(backbone: nn.Module, trainable_groups: int) -> None:

@@ -23,6 +23,10 @@ replicated parameters get identical gradients on every TP rank.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from typing import ContextManager
+
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 import torch.nn.functional as F
@@ -31,6 +35,7 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 from torch import nn
 
 from brivl_ds.models.layers import SelfAttention
+from brivl_ds.models.partitioned import gathered, is_partitioned
 from brivl_ds.parallel.plan import (Split, check_divisible, head_rows, padded_vocab, split_attention_cores,
                                     tensor_parallel_plan)
 from brivl_ds.parallel.rng import fork_rng_in_forward
@@ -75,50 +80,61 @@ class VocabParallel(VocabParallelEmbedding):
         return reduce_from_tensor_model_parallel_region(rows, group=self.tp_group)
 
 
-def _vocab_parallel_embedding(embedding: nn.Embedding, tp: int, rank: int, group, config) -> nn.Module:
+def _vocab_parallel_embedding(embedding: nn.Embedding, tp: int, rank: int, group, config, construct) -> nn.Module:
     """Rank `rank`'s rows of `embedding`, the vocabulary padded with zero rows to a multiple of TP (never looked
     up: token ids stay below the real vocabulary)."""
-    vocab, width = embedding.weight.shape
-    layer = VocabParallel(padded_vocab(vocab, tp), width, init_method=nn.init.zeros_, config=config, tp_group=group,
-                          padding_idx=embedding.padding_idx)
-    padded = torch.zeros(padded_vocab(vocab, tp), width, dtype=embedding.weight.dtype)
-    padded[:vocab] = embedding.weight.detach()
-    with torch.no_grad():
-        layer.weight.copy_(padded[layer.vocab_start_index:layer.vocab_end_index])
+    vocab, width = embedding.weight.ds_shape if is_partitioned(embedding.weight) else embedding.weight.shape
+    with construct():
+        layer = VocabParallel(padded_vocab(vocab, tp), width, init_method=nn.init.zeros_, config=config,
+                              tp_group=group, padding_idx=embedding.padding_idx)
+    start, end = layer.vocab_start_index, layer.vocab_end_index
+    with gathered([embedding.weight], modifier_rank=None), gathered([layer.weight]), torch.no_grad():
+        rows = embedding.weight[start:min(end, vocab)]
+        layer.weight.zero_()
+        layer.weight[:rows.shape[0]].copy_(rows)
     layer.weight.requires_grad_(embedding.weight.requires_grad)
     return layer
 
 
-def _parallel_linear(linear: nn.Linear, split: Split, tp: int, rank: int, group, config) -> nn.Module:
+def _parallel_linear(linear: nn.Linear, split: Split, tp: int, rank: int, group, config, construct) -> nn.Module:
     """A megatron-core layer holding rank `rank`'s slice of `linear` (weights, bias, requires_grad)."""
     bias = linear.bias is not None
+    out_features, in_features = linear.out_features, linear.in_features
     if split.style == "column":
         if split.heads:
             rows = head_rows(linear.out_features // split.fused, split.heads, tp, rank, split.fused)
         else:
             check_divisible(linear.out_features, tp, "output")
             rows = torch.tensor_split(torch.arange(linear.out_features), tp)[rank]
-        layer = ColumnParallel(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_,
-                               bias=bias, gather_output=False, tp_group=group)
-        weight, bias_value = linear.weight[rows], linear.bias[rows] if bias else None
+        with construct():
+            layer = ColumnParallel(in_features, out_features, config=config, init_method=nn.init.zeros_,
+                                   bias=bias, gather_output=False, tp_group=group)
+        with gathered(linear.parameters(), modifier_rank=None):  # read-only: one layer whole at a time
+            weight, bias_value = linear.weight[rows].clone(), linear.bias[rows].clone() if bias else None
     else:
-        check_divisible(linear.in_features, tp, "input")
-        cols = torch.tensor_split(torch.arange(linear.in_features), tp)[rank]
-        layer = RowParallel(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_,
-                            bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=group)
-        weight, bias_value = linear.weight[:, cols], linear.bias if bias else None
-    with torch.no_grad():
+        check_divisible(in_features, tp, "input")
+        cols = torch.tensor_split(torch.arange(in_features), tp)[rank]
+        with construct():
+            layer = RowParallel(in_features, out_features, config=config, init_method=nn.init.zeros_,
+                                bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=group)
+        with gathered(linear.parameters(), modifier_rank=None):
+            weight, bias_value = linear.weight[:, cols].clone(), linear.bias.clone() if bias else None
+    with gathered(layer.parameters()), torch.no_grad():  # this DP group's rank 0 writes, ZeRO-3 re-partitions
         layer.weight.copy_(weight)
-        layer.weight.requires_grad_(linear.weight.requires_grad)
         if bias:
             layer.bias.copy_(bias_value)
-            layer.bias.requires_grad_(linear.bias.requires_grad)
+    layer.weight.requires_grad_(linear.weight.requires_grad)
+    if bias:
+        layer.bias.requires_grad_(linear.bias.requires_grad)
     return layer
 
 
-def parallelize_towers(model: nn.Module, tp: int, rank: int, group, vocab_parallel: bool = False) -> nn.Module:
+def parallelize_towers(model: nn.Module, tp: int, rank: int, group, vocab_parallel: bool = False,
+                       construct: Callable[[], ContextManager] = contextlib.nullcontext) -> nn.Module:
     """Split a built BriVL (model.image, model.text) over the tensor-parallel group in place; TP=1 is a no-op.
-    Its forward then needs the per-TP-rank RNG stream (rng.init_tensor_parallel_rng)."""
+    Its forward then needs the per-TP-rank RNG stream (rng.init_tensor_parallel_rng). A model built under
+    zero.Init is split one layer at a time (gathered over its data-parallel group, sliced, and the slice built
+    under `construct`, the same zero.Init), so no rank holds more than one whole layer."""
     if tp == 1:
         return model
     config = model_parallel_config(tp)
@@ -126,9 +142,10 @@ def parallelize_towers(model: nn.Module, tp: int, rank: int, group, vocab_parall
         parent_path, name = split.path.rsplit(".", 1)
         parent = model.get_submodule(parent_path)
         if split.style == "vocab":
-            setattr(parent, name, _vocab_parallel_embedding(getattr(parent, name), tp, rank, group, config))
+            setattr(parent, name, _vocab_parallel_embedding(getattr(parent, name), tp, rank, group, config,
+                                                            construct))
             continue
-        setattr(parent, name, _parallel_linear(getattr(parent, name), split, tp, rank, group, config))
+        setattr(parent, name, _parallel_linear(getattr(parent, name), split, tp, rank, group, config, construct))
         if isinstance(parent, SelfAttention) and name == "qkv":
             parent.heads //= tp  # it now computes its local heads; the layer's only TP-aware field
     for path in split_attention_cores(model):
@@ -136,9 +153,10 @@ def parallelize_towers(model: nn.Module, tp: int, rank: int, group, vocab_parall
     return model
 
 
-def parallelize(model: nn.Module, tp: int, rank: int, group, vocab_parallel: bool = False) -> nn.Module:
+def parallelize(model: nn.Module, tp: int, rank: int, group, vocab_parallel: bool = False,
+                construct: Callable[[], ContextManager] = contextlib.nullcontext) -> nn.Module:
     """Split a BriVLMoCo's online and momentum towers identically (each built whole from the same weights), so
     ZeRO-3 partitions both the same way and the EMA stays a local update of each rank's own shard."""
-    parallelize_towers(model.online, tp, rank, group, vocab_parallel)
-    parallelize_towers(model.momentum, tp, rank, group, vocab_parallel)
+    parallelize_towers(model.online, tp, rank, group, vocab_parallel, construct)
+    parallelize_towers(model.momentum, tp, rank, group, vocab_parallel, construct)
     return model
