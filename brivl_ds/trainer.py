@@ -29,7 +29,7 @@ from brivl_ds.data.tokenizer import load_tokenizer
 from brivl_ds.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from brivl_ds.ds_config import load_ds_config
 from brivl_ds.evaluation import evaluate_retrieval
-from brivl_ds.models.brivl import Batch, BriVL
+from brivl_ds.models.brivl import Batch
 from brivl_ds.moco.loss import moco_loss
 from brivl_ds.models.partitioned import partitioned_construction
 from brivl_ds.moco.model import BriVLMoCo, build_brivl_moco, run_moco
