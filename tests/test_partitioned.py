@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 # The shipped presets' towers at reduced sizes (tests/test_presets_matrix.py), fp32 and bf16 ds_configs.
 CASES = {
     "tiny": ["model.image.image_size=64"],
+    "resnet": ["model.image.image_size=64", "model.image.backbone=resnet18"],  # the init_weights fallback
     "base": ["model.image.backbone=tf_efficientnet_b0", "model.image.image_size=64", "model.image.width=64",
              "model.embed_dim=64", "model.text.num_layers=2", "model.text.hidden_size=96",
              "model.text.intermediate_size=192"],
@@ -77,7 +78,7 @@ def _worker(rank, world, pretrained):
     dist.init_process_group("gloo")
     for preset, overrides in CASES.items():
         for source in ("random", "pretrained") if preset == "base" else ("random",):
-            cfg = build_config(preset, overrides)
+            cfg = build_config("tiny" if preset == "resnet" else preset, overrides)
             if source == "pretrained":
                 cfg.model.text.pretrained_path = pretrained["bert"]
                 cfg.model.image.pretrained_path = pretrained["cnn"]

@@ -74,10 +74,12 @@ def keep_float_buffers_fp32(module: nn.Module) -> None:
                 sub._buffers[name] = buffer.float()
 
 
-def gathered_module_apply(fn: Callable[[nn.Module, str], None], modules: Iterable[tuple[str, nn.Module]]) -> None:
-    """fn(module, name) for each (name, module) in order, with only that module's own parameters gathered."""
+def gathered_module_apply(fn: Callable[[nn.Module, str], None], modules: Iterable[tuple[str, nn.Module]],
+                          recurse: bool = False) -> None:
+    """fn(module, name) for each (name, module) in order, with only that module's own parameters gathered (or all
+    of its parameters with `recurse`)."""
     for name, module in modules:
-        with gathered(module.parameters(recurse=False)):
+        with gathered(module.parameters(recurse=recurse)):
             fn(module, name)
 
 
@@ -125,17 +127,19 @@ def _timm_init(model: nn.Module) -> tuple[Callable[[nn.Module, str], None], Iter
         return (lambda m, n: _init_weight_goog(m, n)), list(model.named_modules())
     if isinstance(model, convnext.ConvNeXt):  # named_apply(_init_weights), depth first, root excluded
         return (lambda m, n: convnext._init_weights(m, n)), list(post_order(model))[:-1]
+    if callable(getattr(model, "init_weights", None)):  # e.g. ResNet: __init__ ends with self.init_weights()
+        return (lambda m, _: m.init_weights()), [("", model)]  # replayed with the whole backbone gathered
     raise NotImplementedError(
         f"{type(model).__name__}: its timm initialisation is not replayed under zero.Init yet (supported: "
-        f"EfficientNet, ConvNeXt); add it to brivl_ds/models/partitioned.py, with a case in "
-        f"tests/test_partitioned.py")
+        f"EfficientNet, ConvNeXt, models with an init_weights method); add it to brivl_ds/models/partitioned.py, "
+        f"with a case in tests/test_partitioned.py")
 
 
 @torch.no_grad()
 def replay_timm_init(model: nn.Module) -> None:
     """The timm model's own initialisation, each module gathered in turn (lost under zero.Init otherwise)."""
     fn, modules = _timm_init(model)
-    gathered_module_apply(fn, modules)
+    gathered_module_apply(fn, modules, recurse=modules == [("", model)])
 
 
 # ----------------------------------------------------------------------------------------------- pretrained
