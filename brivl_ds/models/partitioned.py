@@ -119,20 +119,21 @@ def replay_hf_init(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------------- timm
 def _timm_init(model: nn.Module) -> tuple[Callable[[nn.Module, str], None], Iterable[tuple[str, nn.Module]]]:
     """The per-module init function a timm model applies at the end of its __init__, and its visiting order."""
-    from timm.models import convnext, efficientnet
+    from timm.models import convnext, efficientnet, mobilenetv3
 
-    if isinstance(model, efficientnet.EfficientNet):  # efficientnet_init_weights: named_modules order
+    if isinstance(model, (efficientnet.EfficientNet, mobilenetv3.MobileNetV3)):  # efficientnet_init_weights
         from timm.models._efficientnet_builder import _init_weight_goog
 
         return (lambda m, n: _init_weight_goog(m, n)), list(model.named_modules())
     if isinstance(model, convnext.ConvNeXt):  # named_apply(_init_weights), depth first, root excluded
         return (lambda m, n: convnext._init_weights(m, n)), list(post_order(model))[:-1]
     if callable(getattr(model, "init_weights", None)):  # e.g. ResNet: __init__ ends with self.init_weights()
-        return (lambda m, _: m.init_weights()), [("", model)]  # replayed with the whole backbone gathered
-    raise NotImplementedError(
+        # replayed with the whole backbone gathered: fine for CNNs; a multi-billion ViT needs a per-module replay
+        return (lambda m, _: m.init_weights()), [("", model)]
+    raise ValueError(  # a refusal: building it would silently leave timm's init unapplied
         f"{type(model).__name__}: its timm initialisation is not replayed under zero.Init yet (supported: "
-        f"EfficientNet, ConvNeXt, models with an init_weights method); add it to brivl_ds/models/partitioned.py, "
-        f"with a case in tests/test_partitioned.py")
+        f"EfficientNet, MobileNetV3, ConvNeXt, models with an init_weights method); add it to "
+        f"brivl_ds/models/partitioned.py, with a case in tests/test_partitioned.py")
 
 
 @torch.no_grad()
