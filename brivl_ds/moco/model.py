@@ -17,7 +17,7 @@ from torch import nn
 
 from brivl_ds.config import ModelConfig, MocoConfig
 from brivl_ds.models.brivl import Batch, BriVL
-from brivl_ds.models.partitioned import any_partitioned, load_pretrained_towers
+from brivl_ds.models.partitioned import any_partitioned, copy_local_shards, forked_rng, load_pretrained_towers
 from brivl_ds.moco.loss import MocoOutputs
 
 
@@ -61,25 +61,17 @@ class BriVLMoCo(nn.Module):
 def build_brivl_moco(model_cfg: ModelConfig, moco_cfg: MocoConfig, vocab_size: int,
                      construct: Callable[[], ContextManager] = contextlib.nullcontext) -> BriVLMoCo:
     """Online towers and their momentum copy built under `construct` (zero.Init when training: no rank ever holds
-    a whole tower). The momentum towers are a second instance drawn from the same generator state, so they start
-    equal to the online ones, and the generator ends where one build leaves it (as a deepcopy would)."""
+    a whole tower). The momentum towers are a second instance (deepcopy cannot copy partitioned parameters), drawn
+    from a fork of the generator so it ends where one build leaves it, as with a deepcopy; pretrained files are
+    read once, into the online towers, and the momentum towers then copy them shard for shard."""
     with construct():
-        before = torch.get_rng_state()
-        cuda_before = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        with forked_rng():
+            momentum = BriVL(model_cfg, vocab_size=vocab_size)
         online = BriVL(model_cfg, vocab_size=vocab_size)
-        after = torch.get_rng_state()
-        cuda_after = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-        torch.set_rng_state(before)
-        if cuda_before is not None:
-            torch.cuda.set_rng_state(cuda_before)
-        momentum = BriVL(model_cfg, vocab_size=vocab_size)
-        torch.set_rng_state(after)
-        if cuda_after is not None:
-            torch.cuda.set_rng_state(cuda_after)
         model = BriVLMoCo(online, moco_cfg, momentum=momentum)
     if any_partitioned(model):  # pretrained files are read module by module, outside zero.Init
-        for towers in (model.online, model.momentum):
-            load_pretrained_towers(towers, model_cfg)
+        load_pretrained_towers(model.online, model_cfg)
+    copy_local_shards(model.online, model.momentum)
     return model
 
 

@@ -74,6 +74,19 @@ def keep_float_buffers_fp32(module: nn.Module) -> None:
                 sub._buffers[name] = buffer.float()
 
 
+@torch.no_grad()
+def copy_local_shards(source: nn.Module, target: nn.Module) -> None:
+    """target <- source for two identically built (and identically partitioned) modules, each rank copying only its
+    own partitions, and every buffer: no communication."""
+    targets = dict(target.named_parameters())
+    for name, p in source.named_parameters():
+        local, dest = (p.ds_tensor, targets[name].ds_tensor) if is_partitioned(p) else (p.data, targets[name].data)
+        dest.copy_(local)
+    target_buffers = dict(target.named_buffers())
+    for name, b in source.named_buffers():
+        target_buffers[name].copy_(b)
+
+
 def gathered_module_apply(fn: Callable[[nn.Module, str], None], modules: Iterable[tuple[str, nn.Module]],
                           recurse: bool = False) -> None:
     """fn(module, name) for each (name, module) in order, with only that module's own parameters gathered (or all
@@ -219,11 +232,19 @@ def load_pretrained_towers(model: nn.Module, cfg) -> None:
     would create the tensors read from a file in the run's precision."""
     if under_zero_init():
         raise RuntimeError("load_pretrained_towers must run after the zero.Init context")
+    unused = {}
     if cfg.text.pretrained_path:
         encoder = model.text.encoder
-        load_pretrained(encoder, cfg.text.pretrained_path, strip_prefixes=(f"{encoder.base_model_prefix}.",))
+        unused[cfg.text.pretrained_path] = load_pretrained(encoder, cfg.text.pretrained_path,
+                                                           strip_prefixes=(f"{encoder.base_model_prefix}.",))
     if cfg.image.pretrained_path:  # the file's classifier is left unused, as timm does
-        load_pretrained(model.image.backbone, cfg.image.pretrained_path)
+        unused[cfg.image.pretrained_path] = load_pretrained(model.image.backbone, cfg.image.pretrained_path)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for path, keys in unused.items():
+            if keys:
+                print(f"{path}: {len(keys)} tensors not used by the model, e.g. {keys[:3]}", flush=True)
 
 
 @torch.no_grad()
