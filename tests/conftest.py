@@ -44,11 +44,14 @@ def run_distributed(fn, world: int, *args) -> None:
 def deepspeed_train(preset: str, settings: list[str], world: int = 2, timeout: int = 600) -> str:
     """`deepspeed --num_gpus WORLD brivl_ds/train.py --preset PRESET --set ...`, as a user runs it (CPU processes
     here); returns the combined output, fails the test with its tail if the run fails."""
-    cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", str(free_port()), "brivl_ds/train.py",
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", str(port), "brivl_ds/train.py",
            "--preset", preset] + [a for s in settings for a in ("--set", s)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # DeepSpeed's CPU all-reduce buffers (66 MiB of /dev/shm per rank) must not outlive the run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return proc.stdout + proc.stderr
 
 
