@@ -18,14 +18,15 @@ setup(
         "brivl_ds.models",
         "brivl_ds.moco",
         "brivl_ds.data",
+        "brivl_ds.parallel",
         "brivl_kernels",
     ],
     package_dir={"brivl_kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "torchvision",
-        "deepspeed>=0.16",
-        "transformers>=4.40",
+        "deepspeed>=0.19.3",  # ZeRO-3 with frozen parameters inside checkpointed blocks (DeepSpeed PR 8148)
+        "transformers>=5.23",  # the per-module init replay (models/partitioned.py) uses transformers 5's init API
         "timm>=1.0",
         "megatron-core>=0.12",
         "pyarrow>=15",
