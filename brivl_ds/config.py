@@ -42,6 +42,9 @@ class ImageTowerConfig:
     momentum keys cannot leak the positive through batch statistics (MoCo's reason for shuffle-BN) and no
     cross-rank shuffle is needed. The statistics stay fp32 in bf16 runs (brivl_ds/models/batchnorm.py). False
     (train-mode BN with batch statistics) runs in fp32 only."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing of the online tower: the CNN's stages (timm's set_grad_checkpointing) and each box
+    self-attention layer keep only their inputs and are recomputed in the backward (non-reentrant)."""
 
 
 @dataclass
@@ -64,6 +67,9 @@ class TextTowerConfig:
     dropout: float = 0.0
     trainable_top_layers: int = -1
     """Train only the top N encoder layers (embeddings and lower layers frozen); -1 trains all. Official: 4."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing of the online tower: every encoder layer (Hugging Face's own switch) and every
+    token self-attention layer recomputed in the backward (non-reentrant)."""
 
 
 @dataclass

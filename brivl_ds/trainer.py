@@ -31,6 +31,7 @@ from brivl_ds.ds_config import load_ds_config
 from brivl_ds.evaluation import evaluate_retrieval
 from brivl_ds.models.brivl import Batch
 from brivl_ds.moco.loss import moco_loss
+from brivl_ds.models.checkpointing import apply_activation_checkpointing
 from brivl_ds.models.partitioned import partitioned_construction
 from brivl_ds.moco.model import BriVLMoCo, build_brivl_moco, run_moco
 from brivl_ds.moco.momentum import MomentumUpdater
@@ -109,6 +110,7 @@ class Trainer:
                         cfg.parallel.vocab_parallel, construct)
             # attention dropout on a rank's own heads draws from a per-TP-rank stream; the rest from the shared one
             init_tensor_parallel_rng(cfg.train.seed, self.groups.tp_rank, self.info.device)
+        apply_activation_checkpointing(model.online, cfg.model)  # the momentum forward keeps no graph
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         check_batchnorm_precision(model, cfg, ds_config)

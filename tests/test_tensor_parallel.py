@@ -186,10 +186,30 @@ def _dropout_worker(rank, world):
     fresh = _captured_core_outputs(model, batch)
     assert not all(torch.equal(first[c], fresh[c]) for c in first)
 
+    # activation checkpointing: the recompute must draw the per-TP-rank masks its forward drew
+    from brivl_ds.models.checkpointing import apply_activation_checkpointing
+
+    cfg.image.grad_checkpointing = cfg.text.grad_checkpointing = True
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        tower = parallelize_towers(BriVL(cfg, vocab_size=50), 2, groups.tp_rank, groups.tp_group).train()
+        if checkpointing:
+            apply_activation_checkpointing(tower, cfg)
+        init_tensor_parallel_rng(0, groups.tp_rank, torch.device("cpu"))
+        torch.manual_seed(1)
+        image, text = tower(batch)
+        (image.sum() + 2 * text.sum()).backward()
+        grads.append({n: p.grad for n, p in tower.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
 
 def test_split_activations_get_per_rank_dropout_masks_and_resume_exactly():
     """Attention dropout on a rank's own heads draws from a per-TP-rank stream (megatron's tracker, or its CPU
-    counterpart), the rest of the dropout from the stream shared by the TP ranks; both are checkpointed."""
+    counterpart), the rest of the dropout from the stream shared by the TP ranks; both are checkpointed, and an
+    activation-checkpointed recompute replays both."""
     run_distributed(_dropout_worker, 2)
 
 

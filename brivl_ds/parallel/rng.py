@@ -85,6 +85,25 @@ def set_rng_tracker_state(states: dict | None) -> None:
         _tracker.set_states({name: state.clone() for name, state in states.items()})
 
 
+def checkpoint_rng_contexts():
+    """torch.utils.checkpoint's context_fn: the recompute of a checkpointed block draws the per-TP-rank stream from
+    where its forward did (torch itself restores the default generators), then the stream is put back."""
+    if _tracker is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    at_forward = rng_tracker_state()
+
+    @contextlib.contextmanager
+    def recompute():
+        now = rng_tracker_state()
+        set_rng_tracker_state(at_forward)
+        try:
+            yield
+        finally:
+            set_rng_tracker_state(now)
+
+    return contextlib.nullcontext(), recompute()
+
+
 def fork_rng_in_forward(module: nn.Module) -> None:
     """Run `module`'s forward on the per-TP-rank stream (the module computes on split activations only)."""
     forward = module.forward
