@@ -16,7 +16,8 @@ from typing import Any, Callable
 @dataclass
 class ImageTowerConfig:
     backbone: str = "convnext_atto"
-    """timm model name; the feature map of its last stage (`forward_features`) is pooled per box."""
+    """timm model name; the feature map of its last stage (`forward_features`) is pooled per box. A ViT/EVA's
+    patch tokens (prefix and register tokens dropped) are laid out on the patch grid as that feature map."""
     pretrained_path: str | None = None
     """Local timm checkpoint file for the backbone; None = random init. Nothing is fetched from a hub."""
     image_size: int = 96
@@ -42,6 +43,11 @@ class ImageTowerConfig:
     momentum keys cannot leak the positive through batch statistics (MoCo's reason for shuffle-BN) and no
     cross-rank shuffle is needed. The statistics stay fp32 in bf16 runs (brivl_ds/models/batchnorm.py). False
     (train-mode BN with batch statistics) runs in fp32 only."""
+    qk_norm: bool = False
+    """ViT backbones: LayerNorm on queries and keys per head (ViT-22B's fix for attention-logit divergence of
+    large ViTs)."""
+    layer_scale: float | None = None
+    """ViT backbones: LayerScale on each residual branch, initialised to this value (CaiT, EVA); None = off."""
     grad_checkpointing: bool = False
     """Activation checkpointing of the online tower: the CNN's stages (timm's set_grad_checkpointing) and each box
     self-attention layer keep only their inputs and are recomputed in the backward (non-reentrant)."""

@@ -17,6 +17,9 @@ CASES = {
     "tiny": ["model.image.image_size=64"],
     "resnet": ["model.image.image_size=64", "model.image.backbone=resnet18"],  # the init_weights fallback
     "mobilenet": ["model.image.image_size=64", "model.image.backbone=mobilenetv3_small_050"],
+    # a ViT image tower with the large-ViT stabilisers (QK-norm, LayerScale), as the 10b preset uses
+    "vit": ["model.image.image_size=64", "model.image.backbone=vit_tiny_patch16_224", "model.image.qk_norm=true",
+            "model.image.layer_scale=1e-5"],
     "base": ["model.image.backbone=tf_efficientnet_b0", "model.image.image_size=64", "model.image.width=64",
              "model.embed_dim=64", "model.text.num_layers=2", "model.text.hidden_size=96",
              "model.text.intermediate_size=192"],

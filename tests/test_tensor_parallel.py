@@ -39,7 +39,7 @@ def sliced_like(reference: torch.nn.Module, values: dict[str, torch.Tensor], tp:
     return dict(parallelize_towers(holder, tp, rank, group, vocab_parallel=True).named_parameters())
 
 
-def _tp_worker(rank, world, pretrained_dir):
+def _tp_worker(rank, world, pretrained_dir, backbone):
     import torch.distributed as dist
 
     from brivl_ds.models.brivl import BriVL
@@ -53,9 +53,11 @@ def _tp_worker(rank, world, pretrained_dir):
     assert (groups.tp, groups.dp, groups.tp_rank) == (2, 1, rank)
     init_tensor_parallel_rng(0, groups.tp_rank, torch.device("cpu"))
     torch.manual_seed(0)  # the same whole model on both ranks, as every TP rank builds it
-    cfg = small_model_config()
+    cfg = small_model_config(backbone)
     cfg.text.num_heads, cfg.text.sa_heads, cfg.image.num_heads = 4, 4, 4
     cfg.text.trainable_top_layers = 1  # frozen layers stay frozen in their TP form
+    if backbone.startswith("vit"):  # the 10b preset's image tower: a ViT with QK-norm and LayerScale, split too
+        cfg.image.qk_norm, cfg.image.layer_scale, cfg.image.trainable_backbone_groups = True, 0.1, 6
     if pretrained_dir:
         cfg.text.pretrained_path = pretrained_dir
     reference = BriVL(cfg, vocab_size=VOCAB).train()
@@ -66,6 +68,7 @@ def _tp_worker(rank, world, pretrained_dir):
     assert held == parameters_per_tp_rank(reference, 2, vocab_parallel=True)  # the planner's exact count
     assert any(".query." in n for n in split) and any("attn.qkv" in n for n in split) and any("head.fc1" in n
                                                                                                 for n in split)
+    assert any(n.startswith("image.backbone.blocks.11.attn.qkv") for n in split) == backbone.startswith("vit")
     assert model.text.encoder.embeddings.word_embeddings.weight.shape[0] == 26  # (51 + 1 padding row) / 2
     batch = random_batch(vocab=VOCAB)
     batch.input_ids[:, -1] = 0  # the padding token (padding_idx: no gradient on its row, on rank 0 only)
@@ -104,7 +107,12 @@ def test_tp2_towers_equal_tp1_outputs_and_gradients(tmp_path):
     cfg = small_model_config().text
     cfg.num_heads = 4
     TextTower(cfg, 24, vocab_size=VOCAB).encoder.save_pretrained(tmp_path / "bert")
-    run_distributed(_tp_worker, 2, str(tmp_path / "bert"))
+    run_distributed(_tp_worker, 2, str(tmp_path / "bert"), "test_convnext")
+
+
+def test_tp2_vit_image_tower_equals_tp1():
+    """A ViT backbone (6 heads, QK-norm, LayerScale, lower blocks frozen) is split like the text encoder."""
+    run_distributed(_tp_worker, 2, None, "vit_small_patch16_224")
 
 
 def _captured_core_outputs(model, batch) -> dict[str, torch.Tensor]:

@@ -202,3 +202,22 @@ def test_batch_statistics_bn_is_refused_under_bf16_before_any_step():
     check_batchnorm_precision(model, cfg, {"bf16": {"enabled": False}})  # fp32: fine
     with pytest.raises(ValueError, match="frozen_bn_stats"):
         check_batchnorm_precision(model, cfg, {"bf16": {"enabled": True}})
+
+
+def test_vit_patch_tokens_become_the_feature_map_boxes_are_pooled_from():
+    """A ViT backbone: class token dropped, patch (i, j) at feature-map cell (i, j); the tower runs end to end."""
+    from brivl_ds.models.image_tower import feature_map
+
+    torch.manual_seed(0)
+    cfg = small_model_config("vit_tiny_patch16_224")
+    cfg.image.qk_norm, cfg.image.layer_scale = True, 1e-5
+    model = BriVL(cfg, vocab_size=50).eval()
+    backbone = model.image.backbone
+    images = torch.randn(2, 3, 64, 64)
+    tokens = backbone.forward_features(images)
+    fmap = feature_map(backbone, images)
+    assert backbone.num_prefix_tokens == 1 and fmap.shape == (2, backbone.num_features, 4, 4)
+    torch.testing.assert_close(fmap[:, :, 2, 3], tokens[:, 1 + 2 * 4 + 3], rtol=0, atol=0)
+    assert type(backbone.blocks[0].attn.q_norm).__name__ == "LayerNorm" and hasattr(backbone.blocks[0], "ls1")
+    image, text = model(random_batch())
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(3))

@@ -21,6 +21,10 @@ def create_backbone(cfg: ImageTowerConfig) -> nn.Module:
     replayed module by module; a pretrained file is loaded by `load_pretrained_towers` after the zero.Init
     context (models/partitioned.py)."""
     kwargs = dict(num_classes=0, global_pool="")
+    if is_vit(cfg.backbone):  # built for our input size; stabilisers for large ViTs from the config
+        kwargs.update(img_size=cfg.image_size, qk_norm=cfg.qk_norm, init_values=cfg.layer_scale)
+    elif cfg.qk_norm or cfg.layer_scale is not None:
+        raise ValueError(f"model.image.qk_norm / layer_scale apply to ViT backbones, not {cfg.backbone}")
     partitioned = under_zero_init()
     if cfg.pretrained_path:
         with forked_rng():  # the loader's draws must not shift what is built after it
@@ -35,6 +39,21 @@ def create_backbone(cfg: ImageTowerConfig) -> nn.Module:
         keep_float_buffers_fp32(backbone)
         replay_timm_init(backbone)  # the draws timm's init would have made, in its order
     return backbone
+
+
+def is_vit(backbone: str) -> bool:
+    return timm.models.is_model_in_modules(backbone, ["vision_transformer"])
+
+
+def feature_map(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The backbone's last feature map [B, C, h, w]: a CNN's as it is; a ViT's patch tokens (class and register
+    tokens dropped) laid out on the patch grid, so RoIAlign pools boxes from either the same way."""
+    features = backbone.forward_features(images)
+    if features.ndim == 4:
+        return features
+    tokens = features[:, backbone.num_prefix_tokens:]
+    h, w = (size // patch for size, patch in zip(images.shape[-2:], backbone.patch_embed.patch_size))
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)
 
 
 def freeze_lower_groups(backbone: nn.Module, trainable_groups: int) -> None:
@@ -69,7 +88,7 @@ class ImageTower(nn.Module):
 
         Returns L2-normalised embeddings [B, D].
         """
-        fmap = self.backbone.forward_features(images)
+        fmap = feature_map(self.backbone, images)
         b, n, _ = boxes.shape
         batch_index = torch.arange(b, device=boxes.device, dtype=torch.float32).repeat_interleave(n)
         rois = torch.cat([batch_index[:, None], boxes.reshape(-1, 4).float()], dim=1)

@@ -88,11 +88,11 @@ def copy_local_shards(source: nn.Module, target: nn.Module) -> None:
 
 
 def gathered_module_apply(fn: Callable[[nn.Module, str], None], modules: Iterable[tuple[str, nn.Module]],
-                          recurse: bool = False) -> None:
-    """fn(module, name) for each (name, module) in order, with only that module's own parameters gathered (or all
-    of its parameters with `recurse`)."""
+                          deep: Callable[[nn.Module], bool] = lambda module: False) -> None:
+    """fn(module, name) for each (name, module) in order, with only that module's own parameters gathered (all of
+    its parameters where `deep(module)`: fn reaches into its children)."""
     for name, module in modules:
-        with gathered(module.parameters(recurse=recurse)):
+        with gathered(module.parameters(recurse=deep(module))):
             fn(module, name)
 
 
@@ -130,30 +130,42 @@ def replay_hf_init(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- timm
-def _timm_init(model: nn.Module) -> tuple[Callable[[nn.Module, str], None], Iterable[tuple[str, nn.Module]]]:
-    """The per-module init function a timm model applies at the end of its __init__, and its visiting order."""
-    from timm.models import convnext, efficientnet, mobilenetv3
+def _timm_init(model: nn.Module) -> tuple[Callable[[nn.Module, str], None], list[tuple[str, nn.Module]],
+                                          Callable[[nn.Module], bool]]:
+    """The per-module init function a timm model applies at the end of its __init__, its visiting order, and which
+    modules it reaches into beyond their own parameters."""
+    from timm.models import convnext, efficientnet, mobilenetv3, vision_transformer
 
+    shallow = lambda module: False  # noqa: E731
     if isinstance(model, (efficientnet.EfficientNet, mobilenetv3.MobileNetV3)):  # efficientnet_init_weights
         from timm.models._efficientnet_builder import _init_weight_goog
 
-        return (lambda m, n: _init_weight_goog(m, n)), list(model.named_modules())
+        return (lambda m, n: _init_weight_goog(m, n)), list(model.named_modules()), shallow
     if isinstance(model, convnext.ConvNeXt):  # named_apply(_init_weights), depth first, root excluded
-        return (lambda m, n: convnext._init_weights(m, n)), list(post_order(model))[:-1]
+        return (lambda m, n: convnext._init_weights(m, n)), list(post_order(model))[:-1], shallow
+    if isinstance(model, vision_transformer.VisionTransformer):
+        # VisionTransformer.init_weights: its own pos_embed / cls_token are still whole when it runs (zero.Init
+        # partitions a module's parameters after its __init__), so only the named_apply over the children (root
+        # excluded) is lost and replayed; a child's own init_weights may reach into its children.
+        if model.fix_init or "nlhb" in model.weight_init_mode:
+            raise ValueError("ViT fix_init / nlhb init are not replayed under zero.Init")
+        fn = vision_transformer.get_init_weights_vit(model.weight_init_mode, 0.0, needs_reset=False)
+        deep = lambda module: not isinstance(module, nn.Linear) and hasattr(module, "init_weights")  # noqa: E731
+        return (lambda m, n: fn(m, n)), list(post_order(model))[:-1], deep
     if callable(getattr(model, "init_weights", None)):  # e.g. ResNet: __init__ ends with self.init_weights()
-        # replayed with the whole backbone gathered: fine for CNNs; a multi-billion ViT needs a per-module replay
-        return (lambda m, _: m.init_weights()), [("", model)]
+        # replayed with the whole backbone gathered: fine for CNNs, not for a multi-billion-parameter model
+        return (lambda m, _: m.init_weights()), [("", model)], lambda module: True
     raise ValueError(  # a refusal: building it would silently leave timm's init unapplied
         f"{type(model).__name__}: its timm initialisation is not replayed under zero.Init yet (supported: "
-        f"EfficientNet, MobileNetV3, ConvNeXt, models with an init_weights method); add it to "
+        f"EfficientNet, MobileNetV3, ConvNeXt, VisionTransformer, models with an init_weights method); add it to "
         f"brivl_ds/models/partitioned.py, with a case in tests/test_partitioned.py")
 
 
 @torch.no_grad()
 def replay_timm_init(model: nn.Module) -> None:
     """The timm model's own initialisation, each module gathered in turn (lost under zero.Init otherwise)."""
-    fn, modules = _timm_init(model)
-    gathered_module_apply(fn, modules, recurse=modules == [("", model)])
+    fn, modules, deep = _timm_init(model)
+    gathered_module_apply(fn, modules, deep)
 
 
 # ----------------------------------------------------------------------------------------------- pretrained

@@ -59,9 +59,31 @@ def tensor_parallel_plan(model: nn.Module, vocab_parallel: bool = False) -> list
             qkv = Split(f"{prefix}.attn.qkv", "column", layer.attn.heads, fused=3)
             plan += [qkv, Split(f"{prefix}.attn.out", "row"), Split(f"{prefix}.fc1", "column"),
                      Split(f"{prefix}.fc2", "row")]
+    for i, block in enumerate(vit_blocks(model.image.backbone)):
+        prefix = f"image.backbone.blocks.{i}"
+        plan += [Split(f"{prefix}.attn.qkv", "column", block.attn.num_heads, fused=3),
+                 Split(f"{prefix}.attn.proj", "row"), Split(f"{prefix}.mlp.fc1", "column"),
+                 Split(f"{prefix}.mlp.fc2", "row")]
     for tower in ("image", "text"):
         plan += [Split(f"{tower}.head.fc1", "column"), Split(f"{tower}.head.fc2", "row")]
     return plan
+
+
+def vit_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """A timm ViT backbone's transformer blocks, checked to split like the text encoder's layers (the fused qkv by
+    whole heads); [] for a CNN, which stays replicated."""
+    from timm.models.vision_transformer import Attention, Block
+
+    blocks = list(getattr(backbone, "blocks", []))
+    if not blocks or not all(isinstance(b, Block) for b in blocks):
+        return []
+    for i, block in enumerate(blocks):
+        attn = block.attn
+        if not isinstance(attn, Attention) or not isinstance(attn.norm, nn.Identity) or attn.gate is not None \
+                or not isinstance(block.mlp.norm, nn.Identity) or attn.proj_drop.p:
+            raise ValueError(f"image.backbone.blocks.{i}: tensor parallelism splits timm ViT blocks without "
+                             "scale-norm, gates or projection dropout (the attention core's dropout is per rank)")
+    return blocks
 
 
 def split_attention_cores(model: nn.Module) -> list[str]:
@@ -70,7 +92,7 @@ def split_attention_cores(model: nn.Module) -> list[str]:
     cores = [f"text.encoder.encoder.layer.{i}.attention.self" for i in range(len(model.text.encoder.encoder.layer))]
     for path in ("image.encoder", "text.self_attention"):
         cores += [f"{path}.layers.{i}.attn" for i in range(len(model.get_submodule(path).layers))]
-    return cores
+    return cores + [f"image.backbone.blocks.{i}.attn" for i in range(len(vit_blocks(model.image.backbone)))]
 
 
 def parameters_per_tp_rank(model: nn.Module, tp: int, vocab_parallel: bool = False) -> dict[str, int]:

@@ -9,6 +9,8 @@ them, so a model built (and loaded from pretrained files) whole becomes its TP s
   - both towers' self-attention blocks: the fused qkv split per q, k and v by whole heads (its rows are laid out
     (3, heads, head_dim), so a plain chunk of the fused weight would hand one rank all of q and part of k), the
     output row-parallel; fc1 column-parallel, fc2 row-parallel;
+  - a ViT image backbone's blocks (timm): the fused qkv by whole heads, proj row-parallel, fc1 column, fc2 row
+    (a CNN backbone stays replicated: megatron-core has no convolutions);
   - both projection heads: fc1 column-parallel, fc2 row-parallel, so the [B, D] embedding comes out whole on every
     TP rank and the loss, queues and kernels are unchanged;
   - optionally (`parallel.vocab_parallel`) the word embedding, by rows of the vocabulary padded to a multiple of TP.
@@ -17,7 +19,7 @@ The attention cores (q/k/v to the pre-output activations, a rank's own heads) ru
 (rng.py), so their attention dropout masks are independent across TP ranks; all other dropout sees replicated
 activations and draws the same mask on every TP rank.
 
-Everything else (the CNN, RoIAlign, embeddings, LayerNorms, box projections, row-parallel biases) is replicated
+Everything else (a CNN backbone, RoIAlign, embeddings, LayerNorms, box projections, row-parallel biases) is replicated
 on the TP ranks. A column-parallel layer all-reduces its input gradient and a row-parallel one its output, so
 replicated parameters get identical gradients on every TP rank.
 """
@@ -31,7 +33,8 @@ import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                    reduce_from_tensor_model_parallel_region)
 from torch import nn
 
 from brivl_ds.models.layers import SelfAttention
@@ -78,6 +81,22 @@ class VocabParallel(VocabParallelEmbedding):
         rows = F.embedding(local, self.weight, padding_idx=self.local_padding_idx)
         rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)  # other ranks' tokens: their rows come in the reduce
         return reduce_from_tensor_model_parallel_region(rows, group=self.tp_group)
+
+
+def sum_gradients_over_tp(norm: nn.Module, group) -> None:
+    """A LayerNorm applied to split activations only (a ViT's QK-norm over a rank's own heads) gets a partial
+    gradient on each TP rank; its weights pass through megatron's copy-to-TP-region (identity forward, all-reduce
+    backward) so every rank gets the sum, as megatron-core all-reduces its qk_layernorm gradients. DeepSpeed would
+    not (it averages over data-parallel ranks only)."""
+    if not isinstance(norm, nn.LayerNorm):
+        raise ValueError(f"{type(norm).__name__} on split heads: only LayerNorm QK-norm is supported with TP")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight, bias = (copy_to_tensor_model_parallel_region(p, group=group) if p is not None else None
+                        for p in (norm.weight, norm.bias))
+        return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+    norm.forward = forward
 
 
 def _vocab_parallel_embedding(embedding: nn.Embedding, tp: int, rank: int, group, config, construct) -> nn.Module:
@@ -148,6 +167,12 @@ def parallelize_towers(model: nn.Module, tp: int, rank: int, group, vocab_parall
         setattr(parent, name, _parallel_linear(getattr(parent, name), split, tp, rank, group, config, construct))
         if isinstance(parent, SelfAttention) and name == "qkv":
             parent.heads //= tp  # it now computes its local heads; the layer's only TP-aware field
+        elif name == "qkv" and hasattr(parent, "attn_dim"):  # a timm ViT Attention: its local heads and width
+            parent.num_heads //= tp
+            parent.attn_dim //= tp
+            for norm in (parent.q_norm, parent.k_norm):
+                if not isinstance(norm, nn.Identity):
+                    sum_gradients_over_tp(norm, group)
     for path in split_attention_cores(model):
         fork_rng_in_forward(model.get_submodule(path))
     return model
