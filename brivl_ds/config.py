@@ -43,6 +43,9 @@ class ImageTowerConfig:
     momentum keys cannot leak the positive through batch statistics (MoCo's reason for shuffle-BN) and no
     cross-rank shuffle is needed. The statistics stay fp32 in bf16 runs (brivl_ds/models/batchnorm.py). False
     (train-mode BN with batch statistics) runs in fp32 only."""
+    backbone_depth: int | None = None
+    """ViT backbones: the number of transformer blocks (None = the named model's); for depth-reduced rehearsals of
+    a preset at its real widths."""
     qk_norm: bool = False
     """ViT backbones: LayerNorm on queries and keys per head (ViT-22B's fix for attention-logit divergence of
     large ViTs)."""
@@ -265,7 +268,25 @@ def paper_1b() -> Config:
     return cfg
 
 
-PRESETS: dict[str, Callable[[], Config]] = {"tiny": tiny, "base": base, "paper-1b": paper_1b}
+def ten_b() -> Config:
+    """The paper's planned ~10B parameters (online + momentum), trained from scratch: a ViT-G/14 image tower with
+    QK-norm and LayerScale (large ViTs diverge without them), a 36 x 2,560 text encoder, both activation-
+    checkpointed; the paper-1b objective (D, K, tau, m, 16 per GPU) and half-precision Adam states."""
+    cfg = paper_1b()
+    cfg.preset = "10b"
+    cfg.model.image = ImageTowerConfig(
+        backbone="vit_gigantic_patch14_224", image_size=224, width=1664, num_layers=4, num_heads=16, dropout=0.0,
+        qk_norm=True, layer_scale=1e-5, trainable_backbone_groups=-1, grad_checkpointing=True,
+    )
+    cfg.model.text = TextTowerConfig(
+        hidden_size=2560, num_layers=36, num_heads=32, intermediate_size=10240, max_length=80, encoder_dropout=0.0,
+        sa_layers=4, sa_heads=32, dropout=0.0, trainable_top_layers=-1, grad_checkpointing=True,
+    )
+    cfg.train.output_dir = "runs/10b"
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], Config]] = {"tiny": tiny, "base": base, "paper-1b": paper_1b, "10b": ten_b}
 
 
 def get_preset(name: str) -> Config:

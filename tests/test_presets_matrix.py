@@ -30,6 +30,7 @@ N = 3  # steps before the checkpoint the resumed run starts from; 2N steps in al
 # The only fields a variant may change: sizes. Anything else differing from the preset fails the test below.
 SIZE_FIELDS = {
     "model.image.backbone",  # to a smaller member of the same family; checked separately
+    "model.image.backbone_depth",
     "model.image.image_size", "model.image.width", "model.image.num_layers", "model.image.num_heads",
     "model.image.max_boxes", "model.text.hidden_size", "model.text.num_layers", "model.text.num_heads",
     "model.text.intermediate_size", "model.text.max_length", "model.text.sa_layers", "model.text.sa_heads",
@@ -49,6 +50,12 @@ REDUCED: dict[str, list[str]] = {
                  *[f"model.text.{k}={v}" for k, v in zip(("num_layers", "hidden_size", "num_heads"),
                                                          PRETRAINED_BERT["paper-1b"])],
                  "model.text.intermediate_size=256"],
+    # ViT-G/14 -> ViT-Ti/16 (the same timm VisionTransformer blocks; QK-norm and LayerScale stay on), 36 x 2560
+    # text -> 2 x 64; trained from scratch with activation checkpointing, as the preset is
+    "10b": ["model.image.backbone=vit_tiny_patch16_224", "model.image.image_size=64", "model.image.width=64",
+            "model.image.num_heads=4", "model.embed_dim=64", "moco.queue_size=16", "data.batch_size=4",
+            "model.text.num_layers=2", "model.text.hidden_size=64", "model.text.num_heads=4",
+            "model.text.intermediate_size=256", "model.text.sa_heads=4"],
 }
 # Steps and schedule length are run sizes too; the run also evaluates at step N, just after the checkpoint the
 # resumed run starts from, so an evaluation must not change what training does next. The rest: data and weights.
@@ -179,11 +186,11 @@ def test_preset_trains_checkpoints_resumes_exactly_and_evaluates(preset, shapes_
     model = BriVL(cfg.model, vocab_size=len(load_tokenizer(cfg.model.text.tokenizer_path or
                                                            cfg.model.text.pretrained_path)))
     expected_frozen = {f"online.{n}" for n, p in model.named_parameters() if not p.requires_grad}
-    assert bool(expected_frozen) == (preset != "tiny")  # tiny trains everything; base and paper-1b do not
+    assert bool(expected_frozen) == (preset in PRETRAINED_BERT)  # base and paper-1b freeze; tiny, 10b train all
     assert {n for n in frozen if n.startswith("online.")} == expected_frozen
     assert all(torch.equal(at_n[n], at_end[n]) for n in expected_frozen)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    if preset != "tiny":  # as the README says: the top 4 text layers and the top 2 CNN groups (stages + head)
+    if preset in PRETRAINED_BERT:  # as the README says: the top 4 text layers and the top 2 CNN groups
         text_layers = {int(n.split(".")[4]) for n in trainable if n.startswith("text.encoder.encoder.layer.")}
         cnn_parts = {".".join(n.split(".")[2:4]) if ".blocks." in n else n.split(".")[2]
                      for n in trainable if n.startswith("image.backbone.")}

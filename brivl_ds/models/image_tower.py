@@ -23,8 +23,11 @@ def create_backbone(cfg: ImageTowerConfig) -> nn.Module:
     kwargs = dict(num_classes=0, global_pool="")
     if is_vit(cfg.backbone):  # built for our input size; stabilisers for large ViTs from the config
         kwargs.update(img_size=cfg.image_size, qk_norm=cfg.qk_norm, init_values=cfg.layer_scale)
-    elif cfg.qk_norm or cfg.layer_scale is not None:
-        raise ValueError(f"model.image.qk_norm / layer_scale apply to ViT backbones, not {cfg.backbone}")
+        if cfg.backbone_depth is not None:
+            kwargs.update(depth=cfg.backbone_depth)
+    elif cfg.qk_norm or cfg.layer_scale is not None or cfg.backbone_depth is not None:
+        raise ValueError(f"model.image.qk_norm / layer_scale / backbone_depth apply to ViT backbones, not "
+                         f"{cfg.backbone}")
     partitioned = under_zero_init()
     if cfg.pretrained_path:
         with forked_rng():  # the loader's draws must not shift what is built after it
