@@ -2,7 +2,7 @@
 
 Each checkpointed block keeps only its inputs and is recomputed in the backward, non-reentrant (the form that
 handles frozen parameters and keyword arguments, and that DeepSpeed ZeRO-3 supports). The libraries' own switches
-are used where they exist (timm's set_grad_checkpointing, Hugging Face's gradient_checkpointing_enable); our
+are used where they exist (timm's set_grad_checkpointing, Hugging Face's activation_checkpointing_enable); our
 self-attention layers are wrapped in place, so parameter names (and so checkpoints and the EMA pairs) do not
 change. The recompute sees the same dropout masks as the forward: torch restores the default generators, and
 `checkpoint_rng_contexts` the tensor-parallel stream.
@@ -39,7 +39,7 @@ def apply_activation_checkpointing(towers: nn.Module, cfg: ModelConfig) -> None:
         for layer in towers.image.encoder.layers:
             checkpoint_forward(layer)
     if cfg.text.grad_checkpointing:
-        towers.text.encoder.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_rng_contexts})
+        towers.text.encoder.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_rng_contexts})
         for layer in towers.text.self_attention.layers:
             checkpoint_forward(layer)

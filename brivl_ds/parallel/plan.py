@@ -95,26 +95,30 @@ def split_attention_cores(model: nn.Module) -> list[str]:
     return cores + [f"image.backbone.blocks.{i}.attn" for i in range(len(vit_blocks(model.image.backbone)))]
 
 
-def parameters_per_tp_rank(model: nn.Module, tp: int, vocab_parallel: bool = False) -> dict[str, int]:
-    """Exact parameter count each TP rank holds of each tower (before ZeRO-3 divides it by the DP size): split
-    weights and column-parallel biases / TP, the vocabulary-parallel embedding's padded rows / TP, everything else
-    whole. Works on the meta device."""
+def local_numels(model: nn.Module, tp: int, vocab_parallel: bool = False) -> dict[str, int]:
+    """Exact element count of every parameter of a BriVL (model.image, model.text) on one TP rank: split weights
+    and column-parallel biases / TP, the vocabulary-parallel embedding's padded rows / TP, everything else whole.
+    Works on the meta device."""
     plan = tensor_parallel_plan(model, vocab_parallel)
     for s in plan:
         if s.heads % tp:
             raise ValueError(f"{s.path}: {s.heads} heads do not split over tensor_parallel={tp}")
     split = {f"{s.path}.weight": tp for s in plan if s.style != "vocab"}
     split.update({f"{s.path}.bias": tp for s in plan if s.style == "column"})
-    counts = {}
-    for tower in ("image", "text"):
-        counts[tower] = 0
-        for name, p in model.get_submodule(tower).named_parameters():
-            n = p.numel()
-            if f"{tower}.{name}" == f"{WORD_EMBEDDING}.weight" and vocab_parallel:
-                counts[tower] += padded_vocab(p.shape[0], tp) // tp * p.shape[1]
-                continue
-            divisor = split.get(f"{tower}.{name}", 1)
-            if n % divisor:
-                raise ValueError(f"{tower}.{name} ({n}) does not divide by tensor_parallel={tp}")
-            counts[tower] += n // divisor
-    return counts
+    numels = {}
+    for name, p in model.named_parameters():
+        if name == f"{WORD_EMBEDDING}.weight" and vocab_parallel:
+            numels[name] = padded_vocab(p.shape[0], tp) // tp * p.shape[1]
+            continue
+        divisor = split.get(name, 1)
+        if p.numel() % divisor:
+            raise ValueError(f"{name} ({p.numel()}) does not divide by tensor_parallel={tp}")
+        numels[name] = p.numel() // divisor
+    return numels
+
+
+def parameters_per_tp_rank(model: nn.Module, tp: int, vocab_parallel: bool = False) -> dict[str, int]:
+    """Parameter count each TP rank holds of each tower (before ZeRO-3 divides it by the DP size)."""
+    numels = local_numels(model, tp, vocab_parallel)
+    return {tower: sum(n for name, n in numels.items() if name.startswith(f"{tower}."))
+            for tower in ("image", "text")}
