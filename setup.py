@@ -19,6 +19,7 @@ setup(
         "brivl_ds.moco",
         "brivl_ds.data",
         "brivl_ds.parallel",
+        "brivl_ds.memory",
         "brivl_kernels",
     ],
     package_dir={"brivl_kernels": "kernels"},
