@@ -20,6 +20,9 @@ CASES = {
     # a ViT image tower with the large-ViT stabilisers (QK-norm, LayerScale), as the 10b preset uses
     "vit": ["model.image.image_size=64", "model.image.backbone=vit_tiny_patch16_224", "model.image.qk_norm=true",
             "model.image.layer_scale=1e-5"],
+    # an EVA-02 image tower (RoPE, SwiGLU with its inner LayerNorm, fused qkv with separate q/v biases)
+    "eva": ["model.image.image_size=56", "model.image.backbone=eva02_tiny_patch14_224",
+            "model.image.backbone_depth=2", "model.image.qk_norm=true", "model.image.layer_scale=1e-5"],
     "base": ["model.image.backbone=tf_efficientnet_b0", "model.image.image_size=64", "model.image.width=64",
              "model.embed_dim=64", "model.text.num_layers=2", "model.text.hidden_size=96",
              "model.text.intermediate_size=192"],

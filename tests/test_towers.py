@@ -221,3 +221,29 @@ def test_vit_patch_tokens_become_the_feature_map_boxes_are_pooled_from():
     assert type(backbone.blocks[0].attn.q_norm).__name__ == "LayerNorm" and hasattr(backbone.blocks[0], "ls1")
     image, text = model(random_batch())
     torch.testing.assert_close(image.norm(dim=-1), torch.ones(3))
+
+
+def test_eva_patch_tokens_become_the_feature_map_and_eva_refuses_tensor_parallelism():
+    """An EVA-02 backbone (RoPE, SwiGLU): patch (i, j) at feature-map cell (i, j), the tower runs end to end with
+    gradients; at TP > 1 it is refused with a message, never silently replicated."""
+    from brivl_ds.models.image_tower import feature_map
+    from brivl_ds.parallel.plan import local_numels
+
+    torch.manual_seed(0)
+    cfg = small_model_config("eva02_tiny_patch14_224")
+    cfg.image.image_size, cfg.image.backbone_depth, cfg.image.qk_norm = 56, 2, True
+    model = BriVL(cfg, vocab_size=50)
+    backbone = model.image.backbone
+    assert type(backbone).__name__ == "Eva" and len(backbone.blocks) == 2 and backbone.rope is not None
+    images = torch.randn(2, 3, 56, 56)
+    backbone.eval()
+    tokens = backbone.forward_features(images)
+    fmap = feature_map(backbone, images)
+    assert fmap.shape == (2, backbone.num_features, 4, 4)
+    torch.testing.assert_close(fmap[:, :, 3, 1], tokens[:, backbone.num_prefix_tokens + 3 * 4 + 1], rtol=0, atol=0)
+    image, _ = model.train()(random_batch(size=56))
+    image.sum().backward()
+    assert backbone.blocks[0].attn.proj.weight.grad.abs().sum() > 0
+    assert sum(local_numels(model, 1).values()) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="EVA backbones .* not tensor-parallel"):
+        local_numels(model, 2)

@@ -45,7 +45,8 @@ def create_backbone(cfg: ImageTowerConfig) -> nn.Module:
 
 
 def is_vit(backbone: str) -> bool:
-    return timm.models.is_model_in_modules(backbone, ["vision_transformer"])
+    """timm's VisionTransformer and EVA families (EVA / EVA-02: RoPE, SwiGLU, ViT-style patch tokens)."""
+    return timm.models.is_model_in_modules(backbone, ["vision_transformer", "eva"])
 
 
 def feature_map(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:

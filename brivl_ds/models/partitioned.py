@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def _timm_init(model: nn.Module) -> tuple[Callable[[nn.Module, str], None], list
                                           Callable[[nn.Module], bool]]:
     """The per-module init function a timm model applies at the end of its __init__, its visiting order, and which
     modules it reaches into beyond their own parameters."""
-    from timm.models import convnext, efficientnet, mobilenetv3, vision_transformer
+    from timm.models import convnext, efficientnet, eva, mobilenetv3, vision_transformer
 
     shallow = lambda module: False  # noqa: E731
     if isinstance(model, (efficientnet.EfficientNet, mobilenetv3.MobileNetV3)):  # efficientnet_init_weights
@@ -152,12 +153,25 @@ def _timm_init(model: nn.Module) -> tuple[Callable[[nn.Module, str], None], list
         fn = vision_transformer.get_init_weights_vit(model.weight_init_mode, 0.0, needs_reset=False)
         deep = lambda module: not isinstance(module, nn.Linear) and hasattr(module, "init_weights")  # noqa: E731
         return (lambda m, n: fn(m, n)), list(post_order(model))[:-1], deep
+    if isinstance(model, eva.Eva):
+        # Eva.init_weights: self.apply(_init_weights) is gathered module by module by zero.Init's own wrapper of
+        # nn.Module.apply, and its pos_embed / cls_token are still whole; only fix_init_weight (each block's
+        # output projections divided by sqrt(2 * depth)) writes into partitioned children, and is replayed.
+        def fix_block(block: nn.Module, name: str) -> None:
+            scale = math.sqrt(2.0 * (int(name.rsplit(".", 1)[1]) + 1))
+            block.attn.proj.weight.div_(scale)
+            block.mlp.fc2.weight.div_(scale)
+
+        blocks = [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
+        if getattr(model, "head_init_scale", None) and isinstance(model.head, nn.Linear):
+            raise ValueError("Eva head_init_scale is not replayed under zero.Init (build without a classifier)")
+        return fix_block, blocks, lambda module: True
     if callable(getattr(model, "init_weights", None)):  # e.g. ResNet: __init__ ends with self.init_weights()
         # replayed with the whole backbone gathered: fine for CNNs, not for a multi-billion-parameter model
         return (lambda m, _: m.init_weights()), [("", model)], lambda module: True
     raise ValueError(  # a refusal: building it would silently leave timm's init unapplied
         f"{type(model).__name__}: its timm initialisation is not replayed under zero.Init yet (supported: "
-        f"EfficientNet, MobileNetV3, ConvNeXt, VisionTransformer, models with an init_weights method); add it to "
+        f"EfficientNet, MobileNetV3, ConvNeXt, VisionTransformer, Eva, models with an init_weights method); add it to "
         f"brivl_ds/models/partitioned.py, with a case in tests/test_partitioned.py")
 
 

@@ -86,6 +86,18 @@ def vit_blocks(backbone: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def check_backbone_splits(backbone: nn.Module, tp: int) -> None:
+    """At TP > 1 a ViT backbone must be one whose blocks split (timm VisionTransformer); a CNN stays replicated.
+    EVA blocks are refused rather than silently replicated: their attention builds the fused qkv bias from
+    separate q/v parameters and reshapes to the full width, and EVA-02's SwiGLU normalises the hidden features
+    (a norm over split activations); ZeRO-3 alone shards an EVA tower (see the memory planner)."""
+    from timm.models.eva import Eva
+
+    if tp > 1 and isinstance(backbone, Eva):
+        raise ValueError(f"EVA backbones ({type(backbone).__name__}) are not tensor-parallel: train them with "
+                         f"parallel.tensor_parallel=1 (ZeRO-3 shards them), or use a timm VisionTransformer")
+
+
 def split_attention_cores(model: nn.Module) -> list[str]:
     """The modules whose forward computes on a rank's own heads only (q/k/v in, pre-output-projection out): their
     dropout (on the attention probabilities) must draw per-TP-rank masks."""
@@ -99,6 +111,7 @@ def local_numels(model: nn.Module, tp: int, vocab_parallel: bool = False) -> dic
     """Exact element count of every parameter of a BriVL (model.image, model.text) on one TP rank: split weights
     and column-parallel biases / TP, the vocabulary-parallel embedding's padded rows / TP, everything else whole.
     Works on the meta device."""
+    check_backbone_splits(model.image.backbone, tp)
     plan = tensor_parallel_plan(model, vocab_parallel)
     for s in plan:
         if s.heads % tp:

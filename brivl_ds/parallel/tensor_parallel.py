@@ -39,8 +39,8 @@ from torch import nn
 
 from brivl_ds.models.layers import SelfAttention
 from brivl_ds.models.partitioned import gathered, is_partitioned
-from brivl_ds.parallel.plan import (Split, check_divisible, head_rows, padded_vocab, split_attention_cores,
-                                    tensor_parallel_plan)
+from brivl_ds.parallel.plan import (Split, check_backbone_splits, check_divisible, head_rows, padded_vocab,
+                                    split_attention_cores, tensor_parallel_plan)
 from brivl_ds.parallel.rng import fork_rng_in_forward
 
 
@@ -156,6 +156,7 @@ def parallelize_towers(model: nn.Module, tp: int, rank: int, group, vocab_parall
     under `construct`, the same zero.Init), so no rank holds more than one whole layer."""
     if tp == 1:
         return model
+    check_backbone_splits(model.image.backbone, tp)
     config = model_parallel_config(tp)
     for split in tensor_parallel_plan(model, vocab_parallel):
         parent_path, name = split.path.rsplit(".", 1)
