@@ -92,8 +92,8 @@ def chunk_seed(seed: int, stream: int, start: int) -> int:
     return fmix32_int(fmix32_int(stream ^ seed) ^ (start >> 32))
 
 
-def random_bits_torch(seed: int, stream: int, n: int, device) -> torch.Tensor:
-    """The 32 random bits the kernel draws for elements 0..n-1 of `stream`."""
-    idx = torch.arange(n, dtype=torch.int64, device=device)
+def random_bits_torch(seed: int, stream: int, n: int, device, start: int = 0) -> torch.Tensor:
+    """The 32 random bits the kernel draws for elements start..start+n-1 of `stream`."""
+    idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
     s = fmix32_torch((idx >> 32) ^ fmix32_int(stream ^ seed))
     return fmix32_torch((idx & M32) ^ s)

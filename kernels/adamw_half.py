@@ -96,28 +96,42 @@ def _scalars(lr, beta1, beta2, eps, weight_decay, step):
                 step_size=lr / bc1, bc2_sqrt=math.sqrt(bc2))
 
 
+REFERENCE_CHUNK = 1 << 22  # elements per pass of the reference on the dispatch path (CPU runs)
+
+
 @torch.no_grad()
 def adamw_half_step_reference_(params, grads, exp_avgs, exp_avg_sqs, streams, *, lr, beta1, beta2, eps,
-                               weight_decay, step, seed=0, rounding="stochastic"):
+                               weight_decay, step, seed=0, rounding="stochastic", chunk=None):
     """Plain-PyTorch twin of the kernel on lists of flat tensors (fp32 params, bf16 moments), same op order and
-    the same random bits, so both paths agree to the last bit wherever the GPU does not fuse a multiply-add."""
+    the same random bits, so both paths agree to the last bit wherever the GPU does not fuse a multiply-add.
+
+    chunk: elements per pass (None = whole tensors). Each pass makes about 60 bytes of fp32 / int64 temporaries
+    per element; under ZeRO-3 a tensor is a rank's whole flat partition, so unchunked that is 16 GiB for 270 M
+    trainable elements. The math is elementwise, so chunks give the same bits."""
     c = _scalars(lr, beta1, beta2, eps, weight_decay, step)
     for p, g, m16, v16, stream in zip(params, grads, exp_avgs, exp_avg_sqs, streams):
-        g = g.float()
-        m = m16.float()
-        v = v16.float()
-        m = m + c["omb1"] * (g - m)
-        v = v * c["beta2"] + c["omb2"] * (g * g)
-        p.mul_(c["decay"])
-        denom = v.sqrt() / c["bc2_sqrt"] + c["eps"]
-        p.sub_(c["step_size"] * (m / denom))
-        if rounding == "stochastic":
-            h = random_bits_torch(seed, stream, p.numel(), p.device)
-            m16.copy_(bf16_sr_torch(m, h & 0xFFFF))
-            v16.copy_(bf16_sr_torch(v, h >> 16))
-        else:
-            m16.copy_(bf16_rne_torch(m))
-            v16.copy_(bf16_rne_torch(v))
+        size = chunk or max(1, p.numel())
+        for start in range(0, p.numel(), size):
+            part = slice(start, start + size)
+            _reference_pass(p[part], g[part], m16[part], v16[part], c, seed, stream, start, rounding)
+
+
+def _reference_pass(p, g, m16, v16, c, seed, stream, start, rounding):
+    g = g.float()
+    m = m16.float()
+    v = v16.float()
+    m = m + c["omb1"] * (g - m)
+    v = v * c["beta2"] + c["omb2"] * (g * g)
+    p.mul_(c["decay"])
+    denom = v.sqrt() / c["bc2_sqrt"] + c["eps"]
+    p.sub_(c["step_size"] * (m / denom))
+    if rounding == "stochastic":
+        h = random_bits_torch(seed, stream, p.numel(), p.device, start)
+        m16.copy_(bf16_sr_torch(m, h & 0xFFFF))
+        v16.copy_(bf16_sr_torch(v, h >> 16))
+    else:
+        m16.copy_(bf16_rne_torch(m))
+        v16.copy_(bf16_rne_torch(v))
 
 
 def adamw_half_step_(params, grads, exp_avgs, exp_avg_sqs, streams, *, lr, beta1, beta2, eps, weight_decay, step,
@@ -127,7 +141,7 @@ def adamw_half_step_(params, grads, exp_avgs, exp_avg_sqs, streams, *, lr, beta1
     if _dispatch.resolve(impl, params[0].device, _adamw_kernel) == "reference":
         return adamw_half_step_reference_(params, grads, exp_avgs, exp_avg_sqs, streams, lr=lr, beta1=beta1,
                                           beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, seed=seed,
-                                          rounding=rounding)
+                                          rounding=rounding, chunk=REFERENCE_CHUNK)
     table, aligned = chunk_table([params, grads, exp_avgs, exp_avg_sqs], CHUNK, streams)
     if table.shape[0] == 0:
         return None
