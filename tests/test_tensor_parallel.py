@@ -56,8 +56,11 @@ def _tp_worker(rank, world, pretrained_dir, backbone):
     cfg = small_model_config(backbone)
     cfg.text.num_heads, cfg.text.sa_heads, cfg.image.num_heads = 4, 4, 4
     cfg.text.trainable_top_layers = 1  # frozen layers stay frozen in their TP form
-    if backbone.startswith("vit"):  # the 10b preset's image tower: a ViT with QK-norm and LayerScale, split too
+    vit = backbone.startswith(("vit", "eva"))
+    if vit:  # the 10b preset's image tower: a ViT with QK-norm and LayerScale, split too
         cfg.image.qk_norm, cfg.image.layer_scale, cfg.image.trainable_backbone_groups = True, 0.1, 6
+    if backbone.startswith("eva"):  # EVA-02 (RoPE, SwiGLU, q / v bias vectors) at 2 blocks, the lower one frozen
+        cfg.image.image_size, cfg.image.backbone_depth, cfg.image.trainable_backbone_groups = 56, 2, 2
     if pretrained_dir:
         cfg.text.pretrained_path = pretrained_dir
     reference = BriVL(cfg, vocab_size=VOCAB).train()
@@ -68,9 +71,10 @@ def _tp_worker(rank, world, pretrained_dir, backbone):
     assert held == parameters_per_tp_rank(reference, 2, vocab_parallel=True)  # the planner's exact count
     assert any(".query." in n for n in split) and any("attn.qkv" in n for n in split) and any("head.fc1" in n
                                                                                                 for n in split)
-    assert any(n.startswith("image.backbone.blocks.11.attn.qkv") for n in split) == backbone.startswith("vit")
+    assert any(n.startswith("image.backbone.blocks.1.attn.qkv") for n in split) == vit
+    assert any(n.endswith("attn.q_bias") for n in split) == backbone.startswith("eva")
     assert model.text.encoder.embeddings.word_embeddings.weight.shape[0] == 26  # (51 + 1 padding row) / 2
-    batch = random_batch(vocab=VOCAB)
+    batch = random_batch(vocab=VOCAB, size=cfg.image.image_size)
     batch.input_ids[:, -1] = 0  # the padding token (padding_idx: no gradient on its row, on rank 0 only)
     weights = torch.randn(2, 3, cfg.embed_dim, generator=torch.Generator().manual_seed(3))
     outputs = {}
@@ -110,9 +114,11 @@ def test_tp2_towers_equal_tp1_outputs_and_gradients(tmp_path):
     run_distributed(_tp_worker, 2, str(tmp_path / "bert"), "test_convnext")
 
 
-def test_tp2_vit_image_tower_equals_tp1():
-    """A ViT backbone (6 heads, QK-norm, LayerScale, lower blocks frozen) is split like the text encoder."""
-    run_distributed(_tp_worker, 2, None, "vit_small_patch16_224")
+@pytest.mark.parametrize("backbone", ["vit_small_patch16_224", "eva02_small_patch14_224"])
+def test_tp2_vit_image_tower_equals_tp1(backbone):
+    """A ViT or EVA-02 backbone (6 heads, QK-norm, LayerScale, lower blocks frozen) is split like the text
+    encoder; EVA's own attention forward cannot run split, so it runs ours (eva_attention_forward)."""
+    run_distributed(_tp_worker, 2, None, backbone)
 
 
 def _captured_core_outputs(model, batch) -> dict[str, torch.Tensor]:

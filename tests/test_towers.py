@@ -223,9 +223,9 @@ def test_vit_patch_tokens_become_the_feature_map_boxes_are_pooled_from():
     torch.testing.assert_close(image.norm(dim=-1), torch.ones(3))
 
 
-def test_eva_patch_tokens_become_the_feature_map_and_eva_refuses_tensor_parallelism():
+def test_eva_patch_tokens_become_the_feature_map():
     """An EVA-02 backbone (RoPE, SwiGLU): patch (i, j) at feature-map cell (i, j), the tower runs end to end with
-    gradients; at TP > 1 it is refused with a message, never silently replicated."""
+    gradients. (Its tensor-parallel split: tests/test_tensor_parallel.py.)"""
     from brivl_ds.models.image_tower import feature_map
     from brivl_ds.parallel.plan import local_numels
 
@@ -245,5 +245,18 @@ def test_eva_patch_tokens_become_the_feature_map_and_eva_refuses_tensor_parallel
     image.sum().backward()
     assert backbone.blocks[0].attn.proj.weight.grad.abs().sum() > 0
     assert sum(local_numels(model, 1).values()) == sum(p.numel() for p in model.parameters())
-    with pytest.raises(ValueError, match="EVA backbones .* not tensor-parallel"):
+
+
+def test_eva02_scale_mlp_is_refused_at_tp2_not_silently_replicated():
+    """EVA-02 B/L normalise the MLP's hidden features (scale_mlp): a norm over features TP would split. TP = 1
+    is fine; TP = 2 is refused with the reason, before anything is built or launched."""
+    from brivl_ds.parallel.plan import local_numels
+
+    cfg = small_model_config("eva02_base_patch14_224")
+    cfg.image.image_size, cfg.image.backbone_depth = 56, 1
+    with torch.device("meta"):
+        model = BriVL(cfg, vocab_size=50)
+    assert type(model.image.backbone.blocks[0].mlp.norm).__name__ == "LayerNorm"
+    local_numels(model, 1)
+    with pytest.raises(ValueError, match="blocks.0: tensor parallelism cannot split .*scale_mlp"):
         local_numels(model, 2)

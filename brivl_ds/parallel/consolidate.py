@@ -46,8 +46,14 @@ def consolidate(checkpoint: Path, whole_model: nn.Module, prefixes: tuple[str, .
     for prefix in prefixes:
         towers = whole_model.get_submodule(prefix.rstrip("."))
         for split in tensor_parallel_plan(towers, vocab_parallel):
-            linear = towers.get_submodule(split.path)
             name = f"{prefix}{split.path}"
+            if split.style == "vector":  # a per-head vector parameter: each rank's whole heads, in place
+                vector = towers.get_parameter(split.path)
+                merged[name] = torch.empty(vector.shape, dtype=torch.float32)
+                for rank, shard in enumerate(shards):
+                    merged[name][head_rows(vector.shape[0], split.heads, tp, rank)] = shard[name]
+                continue
+            linear = towers.get_submodule(split.path)
             if split.style == "vocab":  # rows in rank order, then the padding dropped
                 rows = torch.cat([shard[f"{name}.weight"] for shard in shards])
                 merged[f"{name}.weight"] = rows[:linear.weight.shape[0]]

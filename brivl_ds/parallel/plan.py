@@ -33,7 +33,8 @@ def padded_vocab(vocab: int, tp: int) -> int:
 class Split:
     """One layer of a BriVL to split: a Linear `column` (output rows; by whole heads when `heads`, per each of
     `fused` projections stacked in the rows) or `row` (input columns; bias kept whole, added after the all-reduce),
-    or the word embedding by `vocab` rows (padded to a multiple of TP)."""
+    the word embedding by `vocab` rows (padded to a multiple of TP), or a `vector` parameter (`path` names the
+    parameter: an EVA attention's q / v bias) by whole heads."""
     path: str
     style: str
     heads: int = 0
@@ -60,42 +61,82 @@ def tensor_parallel_plan(model: nn.Module, vocab_parallel: bool = False) -> list
             plan += [qkv, Split(f"{prefix}.attn.out", "row"), Split(f"{prefix}.fc1", "column"),
                      Split(f"{prefix}.fc2", "row")]
     for i, block in enumerate(vit_blocks(model.image.backbone)):
-        prefix = f"image.backbone.blocks.{i}"
-        plan += [Split(f"{prefix}.attn.qkv", "column", block.attn.num_heads, fused=3),
-                 Split(f"{prefix}.attn.proj", "row"), Split(f"{prefix}.mlp.fc1", "column"),
-                 Split(f"{prefix}.mlp.fc2", "row")]
+        plan += _backbone_block_plan(f"image.backbone.blocks.{i}", block)
     for tower in ("image", "text"):
         plan += [Split(f"{tower}.head.fc1", "column"), Split(f"{tower}.head.fc2", "row")]
     return plan
 
 
+def _backbone_block_plan(prefix: str, block: nn.Module) -> list[Split]:
+    """A timm ViT or EVA block: q, k and v by whole heads (timm's fused qkv rows are (3, heads, head_dim); an EVA's
+    separate q / v bias vectors likewise), the output projection row-parallel; the MLP's input projection(s)
+    column-parallel (SwiGLU's gate and value both), its output projection row-parallel."""
+    from timm.models.eva import EvaAttention
+
+    attn, heads = block.attn, block.attn.num_heads
+    if getattr(attn, "qkv", None) is not None:
+        plan = [Split(f"{prefix}.attn.qkv", "column", heads, fused=3)]
+    else:  # an EVA with separate projections
+        plan = [Split(f"{prefix}.attn.{n}", "column", heads) for n in ("q_proj", "k_proj", "v_proj")]
+    if isinstance(attn, EvaAttention) and attn.q_bias is not None:
+        plan += [Split(f"{prefix}.attn.{n}", "vector", heads) for n in ("q_bias", "v_bias")]
+    plan.append(Split(f"{prefix}.attn.proj", "row"))
+    mlp = block.mlp
+    if hasattr(mlp, "fc1_g"):  # SwiGLU: gate and value projections
+        plan += [Split(f"{prefix}.mlp.{n}", "column") for n in ("fc1_g", "fc1_x")]
+    elif _is_glu(mlp):  # GluMlp: one fc1 whose rows are (2, hidden): each half split alike, one feature a "head"
+        plan.append(Split(f"{prefix}.mlp.fc1", "column", heads=mlp.fc2.in_features, fused=2))
+    else:
+        plan.append(Split(f"{prefix}.mlp.fc1", "column"))
+    return plan + [Split(f"{prefix}.mlp.fc2", "row")]
+
+
+def _is_glu(mlp: nn.Module) -> bool:
+    from timm.layers import GluMlp
+
+    return isinstance(mlp, GluMlp)
+
+
 def vit_blocks(backbone: nn.Module) -> list[nn.Module]:
-    """A timm ViT backbone's transformer blocks, checked to split like the text encoder's layers (the fused qkv by
-    whole heads); [] for a CNN, which stays replicated."""
-    from timm.models.vision_transformer import Attention, Block
+    """A timm ViT or EVA backbone's transformer blocks; [] for a CNN, which stays replicated."""
+    from timm.models.eva import EvaBlock, EvaBlockPostNorm
+    from timm.models.vision_transformer import Block
 
     blocks = list(getattr(backbone, "blocks", []))
-    if not blocks or not all(isinstance(b, Block) for b in blocks):
-        return []
-    for i, block in enumerate(blocks):
-        attn = block.attn
-        if not isinstance(attn, Attention) or not isinstance(attn.norm, nn.Identity) or attn.gate is not None \
-                or not isinstance(block.mlp.norm, nn.Identity) or attn.proj_drop.p:
-            raise ValueError(f"image.backbone.blocks.{i}: tensor parallelism splits timm ViT blocks without "
-                             "scale-norm, gates or projection dropout (the attention core's dropout is per rank)")
-    return blocks
+    return blocks if blocks and all(isinstance(b, (Block, EvaBlock, EvaBlockPostNorm)) for b in blocks) else []
+
+
+def _unsplittable(block: nn.Module) -> str | None:
+    """Why a ViT / EVA block cannot be split by the plan above, or None."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+    from timm.models.eva import EvaAttention
+    from timm.models.vision_transformer import Attention
+
+    attn, mlp = block.attn, block.mlp
+    if not isinstance(attn, (Attention, EvaAttention)):
+        return f"{type(attn).__name__} attention is not split by the plan"
+    if not isinstance(attn.norm, nn.Identity) or attn.gate is not None:
+        return "attention with scale-norm or a gate (a norm or gate over split heads)"
+    if attn.proj_drop.p:
+        return "projection dropout (the attention core's dropout is per rank)"
+    if type(mlp) not in (Mlp, SwiGLU, GluMlp) or not isinstance(mlp.norm, nn.Identity):
+        return f"{type(mlp).__name__} with a norm over its hidden features (EVA-02's scale_mlp)"
+    if isinstance(mlp, GluMlp) and mlp.chunk_dim != -1:
+        return "a GluMlp that chunks along another dimension than the features"
+    return None
 
 
 def check_backbone_splits(backbone: nn.Module, tp: int) -> None:
-    """At TP > 1 a ViT backbone must be one whose blocks split (timm VisionTransformer); a CNN stays replicated.
-    EVA blocks are refused rather than silently replicated: their attention builds the fused qkv bias from
-    separate q/v parameters and reshapes to the full width, and EVA-02's SwiGLU normalises the hidden features
-    (a norm over split activations); ZeRO-3 alone shards an EVA tower (see the memory planner)."""
-    from timm.models.eva import Eva
-
-    if tp > 1 and isinstance(backbone, Eva):
-        raise ValueError(f"EVA backbones ({type(backbone).__name__}) are not tensor-parallel: train them with "
-                         f"parallel.tensor_parallel=1 (ZeRO-3 shards them), or use a timm VisionTransformer")
+    """At TP > 1 every ViT / EVA block must split by the plan; a CNN stays replicated (megatron-core has no
+    convolutions). Refused with the reason rather than silently replicated or wrongly split."""
+    if tp == 1:
+        return
+    if getattr(backbone, "rope_mixed", False):
+        raise ValueError("image.backbone: per-depth, per-head mixed RoPE does not split over tensor parallelism")
+    for i, block in enumerate(vit_blocks(backbone)):
+        if (reason := _unsplittable(block)) is not None:
+            raise ValueError(f"image.backbone.blocks.{i}: tensor parallelism cannot split {reason}; train with "
+                             f"parallel.tensor_parallel=1 (ZeRO-3 alone shards it) or another backbone")
 
 
 def split_attention_cores(model: nn.Module) -> list[str]:
@@ -116,8 +157,9 @@ def local_numels(model: nn.Module, tp: int, vocab_parallel: bool = False) -> dic
     for s in plan:
         if s.heads % tp:
             raise ValueError(f"{s.path}: {s.heads} heads do not split over tensor_parallel={tp}")
-    split = {f"{s.path}.weight": tp for s in plan if s.style != "vocab"}
+    split = {f"{s.path}.weight": tp for s in plan if s.style in ("column", "row")}
     split.update({f"{s.path}.bias": tp for s in plan if s.style == "column"})
+    split.update({s.path: tp for s in plan if s.style == "vector"})
     numels = {}
     for name, p in model.named_parameters():
         if name == f"{WORD_EMBEDDING}.weight" and vocab_parallel:

@@ -9,8 +9,9 @@ them, so a model built (and loaded from pretrained files) whole becomes its TP s
   - both towers' self-attention blocks: the fused qkv split per q, k and v by whole heads (its rows are laid out
     (3, heads, head_dim), so a plain chunk of the fused weight would hand one rank all of q and part of k), the
     output row-parallel; fc1 column-parallel, fc2 row-parallel;
-  - a ViT image backbone's blocks (timm): the fused qkv by whole heads, proj row-parallel, fc1 column, fc2 row
-    (a CNN backbone stays replicated: megatron-core has no convolutions);
+  - a ViT or EVA image backbone's blocks (timm): the fused qkv (or EVA's q, k, v) by whole heads, EVA's q / v
+    bias vectors by the same heads, proj row-parallel, fc1 (SwiGLU's fc1_g and fc1_x) column, fc2 row (a CNN
+    backbone stays replicated: megatron-core has no convolutions);
   - both projection heads: fc1 column-parallel, fc2 row-parallel, so the [B, D] embedding comes out whole on every
     TP rank and the loss, queues and kernels are unchanged;
   - optionally (`parallel.vocab_parallel`) the word embedding, by rows of the vocabulary padded to a multiple of TP.
@@ -26,13 +27,15 @@ replicated parameters get identical gradients on every TP rank.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import ContextManager
 
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                           set_tensor_model_parallel_attributes)
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     reduce_from_tensor_model_parallel_region)
 from torch import nn
@@ -115,6 +118,57 @@ def _vocab_parallel_embedding(embedding: nn.Embedding, tp: int, rank: int, group
     return layer
 
 
+class _Vector(nn.Module):
+    """Hosts one 1-D parameter, so that building it under zero.Init partitions it like any module's."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+
+
+def _split_vector(vector: nn.Parameter, split: Split, tp: int, rank: int, construct) -> nn.Parameter:
+    """Rank `rank`'s whole heads of a per-head vector parameter (an EVA attention's q / v bias), marked as
+    tensor-parallel for DeepSpeed's gradient norm."""
+    width = vector.ds_shape[0] if is_partitioned(vector) else vector.shape[0]
+    rows = head_rows(width, split.heads, tp, rank)
+    with gathered([vector], modifier_rank=None):
+        value = vector.detach()[rows].clone()
+    with construct():
+        local = _Vector(len(rows)).weight
+    with gathered([local]), torch.no_grad():
+        local.copy_(value)
+    local.requires_grad_(vector.requires_grad)
+    set_tensor_model_parallel_attributes(local, True, 0, 1)
+    return local
+
+
+def eva_attention_forward(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
+                          attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """timm's EvaAttention.forward on a rank's own heads: the qkv (or q, k, v) projections are column-parallel,
+    the q / v bias vectors hold the local heads, and the output projection (row-parallel) all-reduces. timm's own
+    forward cannot run split: it applies the fused weight with F.linear (bypassing the layer that all-reduces the
+    input gradient) and reshapes to the full width. Scale-norm and gates are refused by the plan."""
+    from timm.layers import apply_rot_embed_cat
+
+    B, N, _ = x.shape
+    if attn.qkv is not None:
+        qkv = attn.qkv(x)
+        if attn.q_bias is not None:
+            qkv = qkv + torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                       dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    return attn.proj_drop(attn.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
 def _parallel_linear(linear: nn.Linear, split: Split, tp: int, rank: int, group, config, construct) -> nn.Module:
     """A megatron-core layer holding rank `rank`'s slice of `linear` (weights, bias, requires_grad)."""
     bias = linear.bias is not None
@@ -157,6 +211,9 @@ def parallelize_towers(model: nn.Module, tp: int, rank: int, group, vocab_parall
     if tp == 1:
         return model
     check_backbone_splits(model.image.backbone, tp)
+    from timm.models.eva import EvaAttention
+    from timm.models.vision_transformer import Attention
+
     config = model_parallel_config(tp)
     for split in tensor_parallel_plan(model, vocab_parallel):
         parent_path, name = split.path.rsplit(".", 1)
@@ -165,12 +222,20 @@ def parallelize_towers(model: nn.Module, tp: int, rank: int, group, vocab_parall
             setattr(parent, name, _vocab_parallel_embedding(getattr(parent, name), tp, rank, group, config,
                                                             construct))
             continue
+        if split.style == "vector":
+            setattr(parent, name, _split_vector(getattr(parent, name), split, tp, rank, construct))
+            continue
         setattr(parent, name, _parallel_linear(getattr(parent, name), split, tp, rank, group, config, construct))
         if isinstance(parent, SelfAttention) and name == "qkv":
             parent.heads //= tp  # it now computes its local heads; the layer's only TP-aware field
-        elif name == "qkv" and hasattr(parent, "attn_dim"):  # a timm ViT Attention: its local heads and width
+        elif name in ("qkv", "q_proj") and isinstance(parent, (Attention, EvaAttention)):  # its local heads
             parent.num_heads //= tp
-            parent.attn_dim //= tp
+            if isinstance(parent, Attention):  # timm's ViT attention reshapes to attn_dim
+                parent.attn_dim //= tp
+            else:  # EVA: its zero k bias shrinks with the heads, and its forward runs split (see above)
+                if parent.k_bias is not None:
+                    parent.k_bias = parent.k_bias.new_zeros(parent.k_bias.shape[0] // tp)
+                parent.forward = functools.partial(eva_attention_forward, parent)
             for norm in (parent.q_norm, parent.k_norm):
                 if not isinstance(norm, nn.Identity):
                     sum_gradients_over_tp(norm, group)
