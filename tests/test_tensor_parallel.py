@@ -64,6 +64,9 @@ def _tp_worker(rank, world, pretrained_dir, backbone):
     if pretrained_dir:
         cfg.text.pretrained_path = pretrained_dir
     reference = BriVL(cfg, vocab_size=VOCAB).train()
+    for name, p in reference.named_parameters():  # EVA inits its q / v biases to zero: make their split matter
+        if name.endswith(("attn.q_bias", "attn.v_bias")):
+            p.data.normal_(0, 0.5)
     reference.text.encoder.embeddings.word_embeddings.weight.requires_grad_(True)  # to compare its gradient slices
     model = parallelize_towers(copy.deepcopy(reference), 2, groups.tp_rank, groups.tp_group, vocab_parallel=True)
     split = [n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)]
@@ -91,6 +94,15 @@ def _tp_worker(rank, world, pretrained_dir, backbone):
             torch.testing.assert_close(got, expected[name], rtol=1e-5, atol=1e-6, msg=name)
         else:
             assert p.grad is None, name
+    # consolidation puts the TP shards back together by the same plan: every split style, EVA's vectors included
+    from brivl_ds.parallel.consolidate import merge_tp_shards
+
+    shards = [None, None]
+    local = {n: t.detach().float() for n, t in model.state_dict().items() if torch.is_tensor(t)}
+    dist.all_gather_object(shards, local, group=groups.tp_group)
+    merged = merge_tp_shards(shards, reference, prefixes=("",), vocab_parallel=True)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(merged[name], value.float(), rtol=0, atol=0, msg=name)
     frozen = {n for n, p in reference.named_parameters() if not p.requires_grad}
     # the trainer's per-step check that the TP ranks of a group were given the same batch
     from brivl_ds.trainer import check_same_batch

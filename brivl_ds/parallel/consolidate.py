@@ -40,8 +40,15 @@ def consolidate(checkpoint: Path, whole_model: nn.Module, prefixes: tuple[str, .
     with `parallel.vocab_parallel` = `vocab_parallel`."""
     tp = tp_size_of(checkpoint)
     shards = [_consolidate_mp_rank(checkpoint, m) for m in range(tp)]
-    if tp == 1:
-        return shards[0]
+    return shards[0] if tp == 1 else merge_tp_shards(shards, whole_model, prefixes, vocab_parallel)
+
+
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]], whole_model: nn.Module,
+                    prefixes: tuple[str, ...] = ("online.", "momentum."), vocab_parallel: bool = False
+                    ) -> dict[str, torch.Tensor]:
+    """One state dict of `whole_model` from the TP ranks' state dicts (in TP rank order), by the split plan of each
+    BriVL under `prefixes` ("" for a bare BriVL)."""
+    tp = len(shards)
     merged = dict(shards[0])  # replicated parameters, buffers, row-parallel biases: rank 0's copy
     for prefix in prefixes:
         towers = whole_model.get_submodule(prefix.rstrip("."))
