@@ -2,7 +2,8 @@
 
 - Model states: what the planner predicts per rank from shapes and the ds_config equals, within 1% per part, what
   live Trainers hold after a real step: `base` at its real size on 2 ranks (TP = 1, its shipped bf16 config,
-  AdamW, frozen lower layers) and the reduced `10b` on 4 ranks at TP = 2 x DP = 2 (adamw_half).
+  AdamW, frozen lower layers), the reduced `10b` on 4 ranks at TP = 2 x DP = 2 (adamw_half), the reduced
+  `paper-1b` with DeepSpeed's bf16 optimizer states, and `tiny` (fp32).
 - Activations: the planner's estimate (traced on the meta device at batch 1 and 2, extrapolated) is within 10% of
   the bytes autograd actually saves in a real training step of `tiny` and of `base` at its real size, at batch 3.
 """
@@ -20,15 +21,16 @@ from test_zero3 import write_atomically
 pytestmark = pytest.mark.slow
 
 
-def _config(preset, settings, data, out_dir, tp=1, persistence=None):
+def _config(preset, settings, data, out_dir, tp=1, persistence=None, ds_config=None):
     cfg = build_config(preset, settings)
     cfg.data.train_path, cfg.data.eval_path = str(data["train"]), str(data["eval"])
     cfg.model.text.tokenizer_path = str(data["tokenizer"])
     cfg.data.num_workers, cfg.parallel.tensor_parallel = 0, tp
     cfg.train.output_dir, cfg.train.resume, cfg.train.progress_bar = str(out_dir), "none", False
-    if persistence is not None:
-        ds = json.loads((Path(__file__).parent.parent / "ds_configs" / f"{preset}.json").read_text())
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
+    if persistence is not None or ds_config is not None:
+        ds = json.loads((Path(__file__).parent.parent / "ds_configs" / (ds_config or f"{preset}.json")).read_text())
+        if persistence is not None:
+            ds["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
         path = Path(out_dir) / "ds_config.json"
         write_atomically(path, ds)
         cfg.train.ds_config = str(path)
@@ -45,7 +47,7 @@ def _one_step(trainer):
     return batch, trainer.train_step(batch)
 
 
-def _worker(rank, world, preset, settings, data, out_dir, tp, persistence):
+def _worker(rank, world, preset, settings, data, out_dir, tp, persistence, ds_config):
     """One real training step; then what it held and saved, next to what the planner predicts."""
     import brivl_ds.trainer as trainer_module
     from brivl_ds.ds_config import load_ds_config
@@ -63,7 +65,7 @@ def _worker(rank, world, preset, settings, data, out_dir, tp, persistence):
         return out
 
     trainer_module.run_moco = counted_run_moco
-    trainer = Trainer(_config(preset, settings, data, out_dir, tp, persistence))
+    trainer = Trainer(_config(preset, settings, data, out_dir, tp, persistence, ds_config))
     batch, _ = _one_step(trainer)  # ZeRO-3 also gathers its persistent parameters in this first forward
     cfg, vocab = trainer.cfg, len(trainer.tokenizer)
     activations = ActivationModel.trace(cfg, vocab, trainer.dtype, text_length=batch.input_ids.shape[1])
@@ -73,8 +75,8 @@ def _worker(rank, world, preset, settings, data, out_dir, tp, persistence):
         "saved": saved[0], "estimate": activations.at(len(batch)).held, "batch": len(batch)}))
 
 
-def _run(preset, settings, world, data, out_dir, tp=1, persistence=None) -> list[dict]:
-    run_distributed(_worker, world, preset, settings, data, str(out_dir), tp, persistence)
+def _run(preset, settings, world, data, out_dir, tp=1, persistence=None, ds_config=None) -> list[dict]:
+    run_distributed(_worker, world, preset, settings, data, str(out_dir), tp, persistence, ds_config)
     return [json.loads((Path(out_dir) / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
@@ -140,3 +142,13 @@ def test_plan_command_finds_the_largest_batch_that_fits(capsys):
     main(["--preset", "tiny", "--gpus", "2", "--gpu-memory", "1GiB"])
     text = capsys.readouterr().out
     assert "largest batch per GPU that fits: " + str(largest) in text and "activations per sample" in text
+
+
+def test_deepspeed_bf16_optimizer_states_recipe_on_2_ranks(shapes_data, tmp_path):
+    """The alternative to adamw_half: DeepSpeed's bf16 master weights and bf16 optimizer states
+    (ds_configs/paper-1b-bf16-states.json) with torch AdamW, on the reduced paper-1b."""
+    results = _run("paper-1b", REDUCED["paper-1b"] + ["optim.name=adamw"], 2, shapes_data, tmp_path,
+                   ds_config="paper-1b-bf16-states.json")
+    _check_states(results)
+    states = results[0]["measured_states"]
+    assert states["master_weights"] == states["gradients"] == states["optimizer_states"] // 2  # all bf16
