@@ -113,13 +113,17 @@ def test_tiny_on_1_rank(shapes_data, tmp_path):
     _check_activations(results, 3)
 
 
-def test_10b_model_states_at_tp2_on_4_ranks(shapes_data, tmp_path):
-    """The reduced 10b variant (ViT with QK-norm and LayerScale, everything trainable, adamw_half, bf16) at
-    TP = 2 x DP = 2, with a low persistence threshold so partitioned and persistent parameters both count. (Its
-    checkpointed towers keep block inputs that autograd's saved-tensor hooks do not see: activations are checked
-    above, on the uncheckpointed presets.)"""
-    settings = REDUCED["10b"] + ["model.image.backbone=vit_small_patch16_224", "model.image.backbone_depth=2"]
-    # ViT-S/16 (6 heads) at depth 2 instead of the matrix's ViT-Ti/16, whose 3 heads do not split over TP = 2
+@pytest.mark.parametrize("backbone", ["vit_small_patch16_224", "eva02_small_patch14_224"])
+def test_10b_model_states_at_tp2_on_4_ranks(backbone, shapes_data, tmp_path):
+    """The reduced 10b variant (QK-norm and LayerScale, everything trainable, adamw_half, bf16) at TP = 2 x DP = 2,
+    built under zero.Init and split, with a low persistence threshold so partitioned and persistent parameters
+    both count: with a ViT (ViT-S/16, 6 heads, at depth 2: the matrix's ViT-Ti/16 has 3 heads, which do not split
+    over TP = 2), and with an EVA-02 (RoPE, GluMlp, q / v bias vectors split by heads). (Its checkpointed towers
+    keep block inputs that autograd's saved-tensor hooks do not see: activations are checked above, on the
+    uncheckpointed presets.)"""
+    settings = REDUCED["10b"] + [f"model.image.backbone={backbone}", "model.image.backbone_depth=2"]
+    if backbone.startswith("eva"):
+        settings.append("model.image.image_size=56")  # patch 14
     _check_states(_run("10b", settings, 4, shapes_data, tmp_path, tp=2, persistence=1000))
 
 

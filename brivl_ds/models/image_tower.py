@@ -1,6 +1,8 @@
 """Image tower f^I: CNN feature map -> RoIAlign per detector box -> box self-attention -> MLP -> unit sphere."""
 from __future__ import annotations
 
+import contextlib
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,8 @@ from torchvision.ops import roi_align
 from brivl_ds.config import ImageTowerConfig
 from brivl_ds.models.batchnorm import freeze_batchnorm_statistics
 from brivl_ds.models.layers import ProjectionHead, SelfAttentionBlock, masked_mean
-from brivl_ds.models.partitioned import forked_rng, keep_float_buffers_fp32, replay_timm_init, under_zero_init
+from brivl_ds.models.partitioned import (deferred_timm_init, forked_rng, keep_float_buffers_fp32, replay_timm_init,
+                                         under_zero_init)
 
 
 def create_backbone(cfg: ImageTowerConfig) -> nn.Module:
@@ -34,10 +37,12 @@ def create_backbone(cfg: ImageTowerConfig) -> nn.Module:
             if not partitioned:
                 return timm.create_model(cfg.backbone, pretrained=True,
                                          pretrained_cfg_overlay=dict(file=cfg.pretrained_path), **kwargs)
-            backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+            with deferred_timm_init():
+                backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
             keep_float_buffers_fp32(backbone)  # the statistics are loaded in fp32
             return backbone
-    backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+    with deferred_timm_init() if partitioned else contextlib.nullcontext():
+        backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     if partitioned:
         keep_float_buffers_fp32(backbone)
         replay_timm_init(backbone)  # the draws timm's init would have made, in its order

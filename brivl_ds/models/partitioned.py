@@ -67,9 +67,12 @@ def forked_rng():
 
 
 def keep_float_buffers_fp32(module: nn.Module) -> None:
-    """zero.Init creates every floating tensor in the run's precision, buffers included; BatchNorm statistics
-    (and any other floating buffer) are kept fp32, as a plain build has them, before anything is loaded."""
+    """zero.Init creates every floating tensor in the run's precision, buffers included; BatchNorm statistics are
+    kept fp32, as a plain build has them, before anything is loaded. Other floating buffers enter the compute in
+    the run's dtype (an EVA attention concatenates its zero k bias with its q / v bias parameters) and keep it."""
     for sub in module.modules():
+        if not isinstance(sub, nn.modules.batchnorm._NormBase):
+            continue
         for name, buffer in sub.named_buffers(recurse=False):
             if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
                 sub._buffers[name] = buffer.float()
@@ -131,19 +134,61 @@ def replay_hf_init(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- timm
-def _timm_init(model: nn.Module) -> tuple[Callable[[nn.Module, str], None], list[tuple[str, nn.Module]],
-                                          Callable[[nn.Module], bool]]:
-    """The per-module init function a timm model applies at the end of its __init__, its visiting order, and which
-    modules it reaches into beyond their own parameters."""
+Phase = tuple[Callable[[nn.Module, str], None], list[tuple[str, nn.Module]], Callable[[nn.Module], bool]]
+
+
+@contextlib.contextmanager
+def deferred_timm_init() -> Iterator[None]:
+    """Skip Eva.init_weights in Eva.__init__ (`replay_timm_init` runs it afterwards, per module). Under zero.Init
+    it would go through DeepSpeed's wrapper of nn.Module.apply, which broadcasts from global rank 0 over each
+    parameter's data-parallel group: with tensor parallelism that group may not hold rank 0, and it fails."""
+    from timm.models import eva
+
+    original = eva.Eva.init_weights
+    eva.Eva.init_weights = lambda self, needs_reset=True: None
+    try:
+        yield
+    finally:
+        eva.Eva.init_weights = original
+
+
+def _eva_init(model: nn.Module) -> list[Phase]:
+    """Eva.init_weights, in its order: _init_weights over every module (nn.Module.apply: children first), then
+    the root's position embedding and class / register tokens, then fix_init_weight (each block's output
+    projections divided by sqrt(2 * depth))."""
+    from timm.layers import trunc_normal_
+
+    if getattr(model, "head_init_scale", None) and isinstance(model.head, nn.Linear):
+        raise ValueError("Eva head_init_scale is not replayed under zero.Init (build without a classifier)")
+
+    def tokens(root: nn.Module, _: str) -> None:
+        for name in ("pos_embed", "cls_token", "reg_token"):
+            if getattr(root, name) is not None:
+                trunc_normal_(getattr(root, name), std=.02)
+
+    def fix_block(block: nn.Module, name: str) -> None:
+        scale = math.sqrt(2.0 * (int(name.rsplit(".", 1)[1]) + 1))
+        block.attn.proj.weight.div_(scale)
+        block.mlp.fc2.weight.div_(scale)
+
+    shallow = lambda module: False  # noqa: E731
+    return [(lambda m, _: model._init_weights(m, needs_reset=False), list(post_order(model)), shallow),
+            (tokens, [("", model)], shallow),
+            (fix_block, [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)], lambda module: True)]
+
+
+def _timm_init(model: nn.Module) -> list[Phase]:
+    """The per-module init a timm model applies at the end of its __init__, as phases of (function, modules in
+    visiting order, which modules it reaches into beyond their own parameters)."""
     from timm.models import convnext, efficientnet, eva, mobilenetv3, vision_transformer
 
     shallow = lambda module: False  # noqa: E731
     if isinstance(model, (efficientnet.EfficientNet, mobilenetv3.MobileNetV3)):  # efficientnet_init_weights
         from timm.models._efficientnet_builder import _init_weight_goog
 
-        return (lambda m, n: _init_weight_goog(m, n)), list(model.named_modules()), shallow
+        return [((lambda m, n: _init_weight_goog(m, n)), list(model.named_modules()), shallow)]
     if isinstance(model, convnext.ConvNeXt):  # named_apply(_init_weights), depth first, root excluded
-        return (lambda m, n: convnext._init_weights(m, n)), list(post_order(model))[:-1], shallow
+        return [((lambda m, n: convnext._init_weights(m, n)), list(post_order(model))[:-1], shallow)]
     if isinstance(model, vision_transformer.VisionTransformer):
         # VisionTransformer.init_weights: its own pos_embed / cls_token are still whole when it runs (zero.Init
         # partitions a module's parameters after its __init__), so only the named_apply over the children (root
@@ -152,23 +197,12 @@ def _timm_init(model: nn.Module) -> tuple[Callable[[nn.Module, str], None], list
             raise ValueError("ViT fix_init / nlhb init are not replayed under zero.Init")
         fn = vision_transformer.get_init_weights_vit(model.weight_init_mode, 0.0, needs_reset=False)
         deep = lambda module: not isinstance(module, nn.Linear) and hasattr(module, "init_weights")  # noqa: E731
-        return (lambda m, n: fn(m, n)), list(post_order(model))[:-1], deep
-    if isinstance(model, eva.Eva):
-        # Eva.init_weights: self.apply(_init_weights) is gathered module by module by zero.Init's own wrapper of
-        # nn.Module.apply, and its pos_embed / cls_token are still whole; only fix_init_weight (each block's
-        # output projections divided by sqrt(2 * depth)) writes into partitioned children, and is replayed.
-        def fix_block(block: nn.Module, name: str) -> None:
-            scale = math.sqrt(2.0 * (int(name.rsplit(".", 1)[1]) + 1))
-            block.attn.proj.weight.div_(scale)
-            block.mlp.fc2.weight.div_(scale)
-
-        blocks = [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
-        if getattr(model, "head_init_scale", None) and isinstance(model.head, nn.Linear):
-            raise ValueError("Eva head_init_scale is not replayed under zero.Init (build without a classifier)")
-        return fix_block, blocks, lambda module: True
+        return [((lambda m, n: fn(m, n)), list(post_order(model))[:-1], deep)]
+    if isinstance(model, eva.Eva):  # built under deferred_timm_init: its whole init is replayed
+        return _eva_init(model)
     if callable(getattr(model, "init_weights", None)):  # e.g. ResNet: __init__ ends with self.init_weights()
         # replayed with the whole backbone gathered: fine for CNNs, not for a multi-billion-parameter model
-        return (lambda m, _: m.init_weights()), [("", model)], lambda module: True
+        return [((lambda m, _: m.init_weights()), [("", model)], lambda module: True)]
     raise ValueError(  # a refusal: building it would silently leave timm's init unapplied
         f"{type(model).__name__}: its timm initialisation is not replayed under zero.Init yet (supported: "
         f"EfficientNet, MobileNetV3, ConvNeXt, VisionTransformer, Eva, models with an init_weights method); add it to "
@@ -178,8 +212,8 @@ def _timm_init(model: nn.Module) -> tuple[Callable[[nn.Module, str], None], list
 @torch.no_grad()
 def replay_timm_init(model: nn.Module) -> None:
     """The timm model's own initialisation, each module gathered in turn (lost under zero.Init otherwise)."""
-    fn, modules, deep = _timm_init(model)
-    gathered_module_apply(fn, modules, deep)
+    for fn, modules, deep in _timm_init(model):
+        gathered_module_apply(fn, modules, deep)
 
 
 # ----------------------------------------------------------------------------------------------- pretrained

@@ -154,7 +154,7 @@ def eva_attention_forward(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor |
     if attn.qkv is not None:
         qkv = attn.qkv(x)
         if attn.q_bias is not None:
-            qkv = qkv + torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv = qkv + torch.cat((attn.q_bias, attn.k_bias.to(attn.q_bias.dtype), attn.v_bias))
         q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     else:
         q, k, v = (proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
