@@ -132,9 +132,14 @@ class Trainer:
         self.pos = Position()
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
-        self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if self.info.is_main else None
         self.metrics_file = self.out_dir / "metrics.jsonl"
-        self._maybe_resume()
+        resumed = self._maybe_resume()
+        # Steps logged after the checkpoint we resumed from are about to be logged again: TensorBoard drops its
+        # events from that step on (purge_step) and metrics.jsonl is cut back, so each step appears once.
+        self.writer = SummaryWriter(str(self.out_dir / "tensorboard"),
+                                    purge_step=self.pos.step + 1 if resumed else None) if self.info.is_main else None
+        if resumed and self.info.is_main:
+            drop_metrics_after(self.metrics_file, self.pos.step)
 
     # ------------------------------------------------------------------------------------------------- one step
     def train_step(self, batch: Batch, skipped_rows: int = 0) -> dict[str, float]:
@@ -263,14 +268,14 @@ class Trainer:
         }
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.pos.step}", client_state=state)
 
-    def _maybe_resume(self) -> None:
+    def _maybe_resume(self) -> bool:
         resume = self.cfg.train.resume
         if resume == "none":
-            return
+            return False
         ckpt_dir, tag = (self.ckpt_dir, latest_tag(self.ckpt_dir)) if resume == "auto" else (
             Path(resume).parent, Path(resume).name)
         if tag is None:
-            return
+            return False
         path, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise FileNotFoundError(f"could not load checkpoint {ckpt_dir}/{tag}")
@@ -282,6 +287,25 @@ class Trainer:
         set_rng_state(state["rng"])
         if self.info.is_main:
             print(f"resumed from {ckpt_dir}/{tag} at step {self.pos.step}", flush=True)
+        return True
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl records of steps <= `step` (the resumed checkpoint's), rewritten atomically."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a record torn by the crash we are resuming from
+            print(f"{path}: dropped an unreadable record: {line[:80]!r}", flush=True)
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 def check_same_batch(batch: Batch, tp_group, device: torch.device) -> None:

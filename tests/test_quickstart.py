@@ -88,11 +88,20 @@ def test_eval_command_on_the_checkpoint_reproduces_the_run_eval(full_run, tmp_pa
 
 
 def test_resume_after_restart_gives_the_same_losses(full_run, converted, tmp_path):
+    """Stop at step N with a checkpoint at N - 1 as well; restart from N - 1, as after a crash that lost step N's
+    checkpoint: step N is trained and logged again, and every step appears once in metrics.jsonl and TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out, _ = full_run
-    first = launch(tmp_path, converted, f"train.stop_at_step={N}", "data.num_workers=2")
+    first = launch(tmp_path, converted, f"train.stop_at_step={N}", f"train.save_every={N - 1}",
+                   "train.log_every=1", "data.num_workers=2")
     assert "eval @" not in first  # stopped early: checkpointed, not finished
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step{N}"
-    # a new process, with a different number of DataLoader workers: resumes mid-epoch from the latest checkpoint
-    second = launch(tmp_path, converted, "data.num_workers=0")
-    assert f"resumed from {tmp_path}/checkpoints/step{N} at step {N}" in second
-    assert losses(tmp_path) == losses(out)  # exactly: fp32 on CPU
+    # a new process, with a different number of DataLoader workers: resumes mid-epoch
+    second = launch(tmp_path, converted, f"train.resume={tmp_path}/checkpoints/step{N - 1}", "train.log_every=1",
+                    "data.num_workers=0")
+    assert f"resumed from {tmp_path}/checkpoints/step{N - 1} at step {N - 1}" in second
+    assert losses(tmp_path) == losses(out)  # each step once, and exactly the same: fp32 on CPU
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 2 * N + 1))
