@@ -66,7 +66,7 @@ class Plan:
     states: dict[str, int]  # between steps
     step: dict[str, int]  # during forward/backward, on top of the states
     optimizer_step: dict[str, int]  # during the optimizer step, on top of the states
-    activations_per_sample: dict[str, int]  # traced, checkpointing as configured and not
+    activations_per_sample: int  # traced, checkpointing as configured
     checkpointing: bool
 
     @property
@@ -88,16 +88,15 @@ class Planner:
     def __init__(self, cfg: Config, ds_config: dict, gpus: int, tp: int, vocab_size: int = CHINESE_ROBERTA_VOCAB):
         if gpus % tp:
             raise ValueError(f"{gpus} GPUs do not divide into tensor-parallel groups of {tp}")
-        self.cfg, self.ds_config, self.gpus, self.tp, self.dp = cfg, ds_config, gpus, tp, gpus // tp
-        self.vocab_size = vocab_size
+        self.cfg = copy.deepcopy(cfg)  # planned at this TP size; the caller's config is left alone
         self.cfg.parallel.tensor_parallel = tp
+        self.ds_config, self.gpus, self.tp, self.dp = ds_config, gpus, tp, gpus // tp
+        self.vocab_size = vocab_size
         self.precision = Precision.from_config(cfg, ds_config)
-        self.dtype = {2: torch.bfloat16, 4: torch.float32}[self.precision.param]
-        if ds_config.get("fp16", {}).get("enabled"):
-            self.dtype = torch.float16
-        self.shards = ParameterShards.from_config(cfg, vocab_size, tp)
-        self.states = model_state_bytes(cfg, ds_config, self.shards, self.dp)
-        self.buffers = zero3_buffer_bytes(cfg, ds_config, self.shards, self.dp)
+        self.dtype = self.precision.dtype
+        self.shards = ParameterShards.from_config(self.cfg, vocab_size, tp)
+        self.states = model_state_bytes(self.cfg, ds_config, self.shards, self.dp)
+        self.buffers = zero3_buffer_bytes(self.cfg, ds_config, self.shards, self.dp)
         self.checkpointing = cfg.model.image.grad_checkpointing or cfg.model.text.grad_checkpointing
         self._towers = None  # the meta towers, built once
         self._model: ActivationModel | None = None
@@ -136,11 +135,9 @@ class Planner:
                 "gathered_parameters": self.buffers["gathered_parameters"],
                 "loss_workspace": self.loss_workspace(batch),
                 "activations": self.activations(batch).step_peak}
-        model = self.activation_model()
-        per_sample = {"as_configured": model.per_sample.step_peak}
         return Plan(self.cfg.preset, self.gpus, self.tp, self.dp, batch, gpu_memory, int(margin_fraction * gpu_memory),
                     dict(self.states), step, {"step_gradient_copy": self.buffers["step_gradient_copy"]},
-                    per_sample, self.checkpointing)
+                    self.activation_model().per_sample.step_peak, self.checkpointing)
 
     def largest_batch(self, gpu_memory: int, margin_fraction: float, limit: int = 4096) -> int:
         """The largest per-GPU batch whose plan fits (0 if none): guessed from the affine activation model, then
@@ -190,7 +187,7 @@ def format_plan(plan: Plan, largest: int, without_ckpt: int | None) -> str:
               f"{'margin (CUDA context, NCCL, fragmentation; not modelled)':<58}{gib(plan.margin)}",
               f"{'total':<58}{gib(plan.peak + plan.margin)}  of {plan.gpu_memory / GiB:.1f}: "
               f"{'fits' if plan.fits else 'DOES NOT FIT'}", ""]
-    per = plan.activations_per_sample["as_configured"]
+    per = plan.activations_per_sample
     lines.append(f"activations per sample: {per / 2**20:,.1f} MiB as configured (checkpointing "
                  f"{'on' if plan.checkpointing else 'off'})"
                  + (f", {without_ckpt / 2**20:,.1f} MiB without checkpointing" if without_ckpt is not None else ""))

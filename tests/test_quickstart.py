@@ -105,3 +105,15 @@ def test_resume_after_restart_gives_the_same_losses(full_run, converted, tmp_pat
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 2 * N + 1))
+
+
+def test_restart_cuts_metrics_back_to_the_checkpoint_and_drops_a_torn_record(tmp_path, capsys):
+    """What a crash leaves behind: steps after the resumed checkpoint and a half-written last line."""
+    from brivl_ds.trainer import drop_metrics_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    drop_metrics_after(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert "dropped an unreadable record" in capsys.readouterr().out
+    drop_metrics_after(tmp_path / "absent.jsonl", 3)  # a fresh output directory: nothing to cut

@@ -160,6 +160,7 @@ class SavedForBackward:
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
+        # looked up per save, not once: under ZeRO-3 a parameter's storage is a new gathered buffer each forward
         states = {t.untyped_storage()._cdata for t in (*self.module.parameters(), *self.module.buffers())}
         if storage._cdata not in states:
             self.saved[storage._cdata] = storage.nbytes()

@@ -35,6 +35,7 @@ class Precision:
     grad: int
     state: int
     mixed: bool  # bf16 / fp16 parameters (the EMA then keeps an fp32 copy)
+    dtype: torch.dtype  # the parameters' (and activations') dtype
 
     @classmethod
     def from_config(cls, cfg: Config, ds_config: dict) -> "Precision":
@@ -46,7 +47,8 @@ class Precision:
         accum = ds_config.get("data_types", {}).get("grad_accum_dtype")
         grad = {"fp32": 4, "fp16": 2, "bf16": 2}.get(accum, param) if accum else param
         state = 2 if (cfg.optim.name == "adamw_half" or master == 2) else 4
-        return cls(param=param, master=master, grad=grad, state=state, mixed=half)
+        dtype = torch.bfloat16 if bf16.get("enabled") else torch.float16 if fp16.get("enabled") else torch.float32
+        return cls(param=param, master=master, grad=grad, state=state, mixed=half, dtype=dtype)
 
 
 @dataclass(frozen=True)

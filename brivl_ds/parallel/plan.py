@@ -71,6 +71,7 @@ def _backbone_block_plan(prefix: str, block: nn.Module) -> list[Split]:
     """A timm ViT or EVA block: q, k and v by whole heads (timm's fused qkv rows are (3, heads, head_dim); an EVA's
     separate q / v bias vectors likewise), the output projection row-parallel; the MLP's input projection(s)
     column-parallel (SwiGLU's gate and value both), its output projection row-parallel."""
+    from timm.layers import GluMlp
     from timm.models.eva import EvaAttention
 
     attn, heads = block.attn, block.attn.num_heads
@@ -84,17 +85,12 @@ def _backbone_block_plan(prefix: str, block: nn.Module) -> list[Split]:
     mlp = block.mlp
     if hasattr(mlp, "fc1_g"):  # SwiGLU: gate and value projections
         plan += [Split(f"{prefix}.mlp.{n}", "column") for n in ("fc1_g", "fc1_x")]
-    elif _is_glu(mlp):  # GluMlp: one fc1 whose rows are (2, hidden): each half split alike, one feature a "head"
+    elif isinstance(mlp, GluMlp):  # GluMlp: one fc1 whose rows are (2, hidden): each half split alike, one feature a "head"
         plan.append(Split(f"{prefix}.mlp.fc1", "column", heads=mlp.fc2.in_features, fused=2))
     else:
         plan.append(Split(f"{prefix}.mlp.fc1", "column"))
     return plan + [Split(f"{prefix}.mlp.fc2", "row")]
 
-
-def _is_glu(mlp: nn.Module) -> bool:
-    from timm.layers import GluMlp
-
-    return isinstance(mlp, GluMlp)
 
 
 def vit_blocks(backbone: nn.Module) -> list[nn.Module]:
