@@ -46,6 +46,10 @@ def dropped(report) -> int:
     return sum(v for k, v in report.items() if k.startswith("dropped: "))
 
 
+RUN_KEYS = {"shards", "shards converted", "shards redone in isolation", "shards reused", "shards rewritten by dedup",
+            "seconds", "rows/s"}  # about this run, not the output: the only keys manifest.json does not report
+
+
 def assert_consistent(report, out) -> None:
     assert report["rows read"] == report["rows written"] + dropped(report)
     assert report["boxes read"] == report["boxes kept"] + sum(v for k, v in report.items()
@@ -54,7 +58,8 @@ def assert_consistent(report, out) -> None:
     assert verify(out) == []
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows"] == report["rows written"]
-    assert manifest["report"] == {k: v for k, v in report.items() if k in cv.COUNTS}
+    assert manifest["report"] == {k: v for k, v in report.items() if k not in RUN_KEYS}
+    assert all(k in manifest["report"] for k in cv.COUNTS)
 
 
 def snapshot(out) -> dict:
@@ -395,3 +400,89 @@ def test_dedup_keeps_first_occurrences_across_shards_and_is_idempotent(pairs_inp
     assert again["shards converted"] == 1 and again["shards rewritten by dedup"] == 1
     assert (out / "manifest.json").read_text() == manifest
     assert_consistent(again, out)
+
+
+# ---------------------------------------------------------------- a worker that dies (the fault drill)
+
+CRASHED = "dropped: worker crashed (SIGSEGV)"
+KILLED = "dropped: worker killed (SIGKILL, OOM?)"
+
+
+def test_rows_that_kill_their_worker_are_dropped_and_every_other_row_converts(pairs_input, tmp_path, capsys):
+    jsonl, images = pairs_input
+    drill = tmp_path / "drill"
+    argv = ["pairs", "--input", str(jsonl), "--image-root", str(images), "--out", str(drill), "--rows-per-shard", "3",
+            "--workers", "2", "--no-progress"]
+    report = main(argv + ["--fault-crash-rows", "9,2"])  # good1 in chunk 0 and good3 in chunk 2: two pool breaks
+    assert report[CRASHED] == 2 and CRASHED in capsys.readouterr().out
+    assert report["shards converted"] == 5 and report["shards redone in isolation"] >= 2
+    assert [json.loads((drill / f"part-{n:05d}.json").read_text())["crashed rows"] for n in range(5)] == \
+        [[2], [], [9], [], []]
+    assert_consistent(report, drill)
+
+    # exact: the same input with rows 2 and 9 dropped for another reason (image missing) writes the same bytes
+    lines = jsonl.read_text().splitlines()
+    for row in (2, 9):
+        lines[row - 1] = json.dumps({**json.loads(lines[row - 1]), "image": "missing.jpg"})
+    (tmp_path / "without.jsonl").write_text("\n".join(lines) + "\n")
+    without = convert_pairs(tmp_path / "without.jsonl", images, tmp_path / "without", workers=1, rows_per_shard=3,
+                            source=jsonl.name)
+    manifests = [json.loads((out / "manifest.json").read_text()) for out in (drill, tmp_path / "without")]
+    assert manifests[0]["shards"] == manifests[1]["shards"]  # every shard's sha256, rows and row groups
+    assert report["rows written"] == without["rows written"] == 10
+    assert report["dropped: missing image file"] + 2 == without["dropped: missing image file"] == 4
+    # and in rows: the run without the drill, less those two rows (captions 1 and 8)
+    convert_pairs(jsonl, images, tmp_path / "full", workers=1, rows_per_shard=3)
+    full = [r for r in read_table(tmp_path / "full").to_pylist() if r["text"] not in ("caption 1", "caption 8")]
+    assert read_table(drill).to_pylist() == full
+
+    # the drill is no setting: a restart without it reuses every shard, and the crash drops stay counted
+    again = main(argv)
+    assert again["shards reused"] == 5 and again[CRASHED] == 2 and again["rows written"] == 10
+
+
+def test_chunks_in_flight_when_a_worker_dies_are_redone_not_lost(pairs_input, tmp_path):
+    jsonl, images = pairs_input
+    Image.new("L", (8000, 8000), 7).save(images / "slow.png")  # 80 kB, ~0.1 s to decode
+    rows = ([{"image": f"good{i}.jpg", "caption": f"good {i}"} for i in range(4)]  # chunk 0: dies on its first row
+            + [{"image": "slow.png", "caption": f"slow {i}"} for i in range(4)]  # chunk 1: converting (or queued) then
+            + [{"image": "good0.jpg", "caption": "after"}])  # chunk 2: waits for a worker, gets the new pool's
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    report = convert_pairs(tmp_path / "in.jsonl", images, out, workers=2, rows_per_shard=4, fault_crash_rows=(1,))
+    assert report[CRASHED] == 1 and report["shards converted"] == 3 and report["shards redone in isolation"] == 2
+    assert [r["text"] for r in read_table(out).to_pylist()] == [r["caption"] for r in rows[1:]]
+    assert_consistent(report, out)
+
+
+def test_a_chunk_whose_every_row_kills_its_worker_ends_with_all_of_them_dropped(pairs_input, tmp_path):
+    jsonl, images = pairs_input
+    out = tmp_path / "out"
+    report = convert_pairs(jsonl, images, out, workers=2, rows_per_shard=3, fault_crash_rows=(7, 8, 9),
+                           fault_crash_signal="SIGKILL")  # the OOM killer's signal
+    assert report[KILLED] == 3 and CRASHED not in report
+    assert not (out / "part-00002.parquet").exists()  # chunk 2 is rows 7-9: nothing left to write
+    assert json.loads((out / "part-00002.json").read_text())["crashed rows"] == [7, 8, 9]
+    assert [r["text"] for r in read_table(out).to_pylist()] == [f"caption {i}" for i in (0, 1, 2, 3, 5, 9, 10, 11, 13)]
+    assert_consistent(report, out)
+
+
+def test_deaths_no_row_causes_alone_stop_the_run_after_a_bound(monkeypatch):
+    tries = []
+
+    def run_alone(context, fn, *args):  # the isolation's processes, scripted
+        tries.append(fn.__name__)
+        if fn is cv.convert_row:
+            return 0, 0  # the row the process died on decodes fine on its own
+        return [(-9, 5), (-9, 0), (-9, 6)][tries.count("convert_chunk") - 1]  # (exit code, row it was on)
+
+    monkeypatch.setattr(cv, "_run_alone", run_alone)
+    with pytest.raises(cv.ConvertError, match="died 3 times .*SIGKILL.* no row kills a process on its own"):
+        cv._isolate(None, cv.Chunk(0, 0, 10), None)
+    assert tries == ["convert_chunk", "convert_row", "convert_chunk", "convert_chunk", "convert_row"]
+
+
+def test_the_fault_drill_needs_worker_processes(pairs_input, tmp_path):
+    jsonl, images = pairs_input
+    with pytest.raises(cv.ConvertError, match="needs worker processes"):
+        convert_pairs(jsonl, images, tmp_path / "out", workers=1, fault_crash_rows=(2,))

@@ -38,6 +38,24 @@ Report (printed at the end, returned by main() and the API, stored in manifest.j
   convention such as xywh, not something to repair silently), or under 1 px wide or high after clipping; the row
   stays. Box counts cover the rows that passed the row checks, before --dedup.
 
+When a worker dies
+  A decoder that segfaults, or the OOM killer, kills a worker process, not the run: the pool is replaced, and each
+  chunk it held (the pool does not say which one killed it) is redone by a thread of the parent in fresh processes
+  of its own, one after the other, each recording the input row it is decoding. A process that dies on a row is
+  followed by one decoding that row alone; if that one dies too, the row is dropped and counted under its real
+  signal, "dropped: worker crashed (SIGSEGV)" or "dropped: worker killed (SIGKILL, OOM?)", listed in the sidecar's
+  "crashed rows", and the chunk is redone without it. Its shard is then byte-identical to one whose bad rows were
+  dropped for any other reason; a chunk of only such rows ends with all of them dropped (each try drops one more
+  row). Rows that kill a worker only in company (memory growing over a chunk) are not dropped: after 3 such deaths
+  of one chunk the run stops with an error, and a restart resumes it. --workers 1 runs in-process and has no such
+  isolation: a crash there ends the converter (restart it with --workers 2 or more).
+  Fault drill: --fault-crash-rows 2,9 makes the process decoding input rows 2 and 9 (counted from 1 after any
+  header, blank lines not counted) kill itself with --fault-crash-signal (default SIGSEGV) just before the decoder
+  runs: the real recovery above follows. A row dropped before its image is decoded (missing file, empty text) does
+  not crash. It needs --workers 2 or more. It is not a setting that restarts compare, as real crashes are not: it
+  stands in for a fault of the machine, and a drilled shard counts its dropped rows in its sidecar as a real crash
+  does. Drill on a scratch --out.
+
 --dedup drops exact duplicates (same image_sha256), keeping the first occurrence in input order, after all shards
 exist: one pass reads only the image_sha256 column of every shard and rewrites the shards holding later copies
 (peak ~250 bytes of memory per row, ~7.5 GB for 30M rows). It is idempotent, so restarts simply run it again.
@@ -57,12 +75,16 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import warnings
-from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, as_completed, wait
+from collections import Counter, deque
+from concurrent.futures import (FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor,
+                                as_completed, wait)
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -104,6 +126,8 @@ BOX_NOT_NUMBERS = "boxes dropped: not 4 numbers"
 BOX_NOT_FINITE = "boxes dropped: NaN/inf"
 BOX_INVERTED = "boxes dropped: inverted"
 BOX_EMPTY = "boxes dropped: under 1 px after clipping"
+CRASH_SIGNALS = ("SIGSEGV", "SIGKILL", "SIGABRT", "SIGBUS")  # what --fault-crash-signal offers
+UNCONFIRMED_DEATHS = 3  # a chunk's worker may die this often on rows that then decode fine alone
 COUNTS = [READ, WRITTEN, BAD_UTF8, BAD_JSON, MALFORMED, NO_TEXT, MISSING, UNREADABLE, ZERO_SIZE, TOO_LARGE,
           UNDECODABLE, DUPLICATE, UNEXPECTED, REENCODED, BAD_BOXES_FIELD, BOXES_READ, BOXES_KEPT, BOXES_CLIPPED,
           BOX_NOT_NUMBERS, BOX_NOT_FINITE, BOX_INVERTED, BOX_EMPTY]
@@ -142,6 +166,8 @@ class Options:
     source: str = ""  # default: the input's file name
     header: tuple[str, ...] = ()  # CSV/TSV column names, read by the parent
     data_offset: int = 0  # where the rows start (after a CSV header)
+    fault_crash_rows: tuple[int, ...] = ()  # the fault drill: input rows (from 1) whose decode kills the worker
+    fault_crash_signal: str = "SIGSEGV"
 
     @property
     def format(self) -> str:
@@ -414,14 +440,17 @@ def clean_boxes(raw, width: int, height: int, report: Counter) -> list[list[floa
 
 # ---------------------------------------------------------------- one chunk -> one shard (in a worker)
 
-def to_row(pair: Pair, opts: Options, report: Counter) -> Row:
+def to_row(pair: Pair, opts: Options, report: Counter, row: int = 0) -> Row:
     strings = [pair.id, *(t[k] for t in pair.texts for k in ("kind", "text"))]
     if not all(_valid_utf8(s) for s in strings):
         raise Drop(BAD_UTF8)
     text = pair.text.strip()
     if not text:
         raise Drop(NO_TEXT)
-    image, width, height, reencoded = check_image(read_image(pair.images), opts.max_pixels)
+    data = read_image(pair.images)
+    if row in opts.fault_crash_rows:  # the fault drill: die right where a decoder crash would, with a real signal
+        os.kill(os.getpid(), signal.Signals[opts.fault_crash_signal])
+    image, width, height, reencoded = check_image(data, opts.max_pixels)
     report[REENCODED] += reencoded
     boxes = clean_boxes(pair.boxes, width, height, report)
     return Row(id=pair.id, image=image, width=width, height=height, text=text, boxes=boxes, texts=pair.texts,
@@ -452,6 +481,7 @@ def _write_json(path: Path, body: dict) -> None:
 
 
 _progress = None  # in a worker: the shared row counter the parent shows in its progress bar
+_row_now = None  # in a process of _run_alone: where it writes the input row it is converting (0: none)
 
 
 def _init_worker(counter) -> None:
@@ -466,36 +496,107 @@ def _tick(rows: int) -> None:
             _progress.value += rows
 
 
-def _row_or_none(record, opts: Options, report: Counter, where: str) -> Row | None:
-    """The converted row, or None with the reason counted."""
+def _row_or_none(record, opts: Options, report: Counter, row: int) -> Row | None:
+    """The converted input row, or None with the reason counted."""
+    if _row_now is not None:
+        _row_now.value = row
     try:
-        return to_row(parse(record, opts), opts, report)
+        return to_row(parse(record, opts), opts, report, row)
     except Drop as drop:
         report[drop.reason] += 1
     except Exception as err:  # a bug must not cost a 30M-row run: counted, logged, visible in the report
-        log.warning("%s: unexpected %r", where, err)
+        log.warning("input row %d: unexpected %r", row, err)
         report[UNEXPECTED] += 1
+    finally:
+        if _row_now is not None:  # a death from here on (writing the shard) is no row's fault
+            _row_now.value = 0
     return None
 
 
-def convert_chunk(opts: Options, chunk: Chunk) -> dict:
-    """Convert one chunk to its shard and sidecar; returns the sidecar."""
+def convert_chunk(opts: Options, chunk: Chunk, crashed: dict[int, str] | None = None) -> dict:
+    """Convert one chunk to its shard and sidecar; returns the sidecar. `crashed`: {input row: reason} of rows
+    that kill the process decoding them (found by _isolate), dropped undecoded."""
+    crashed = crashed or {}
     report: Counter = Counter()
     writer = ShardWriter(opts.out / shard_name(chunk.n), opts.row_group_bytes)
+    first = chunk.n * opts.rows_per_shard  # input rows before this chunk: every chunk but the last is full
     with open(opts.input, "rb") as f:
         for i, (_, record) in enumerate(islice(input_rows(opts, f, chunk.offset), chunk.rows), 1):
             if i % 64 == 0:
                 _tick(64)
             report[READ] += 1
-            row = _row_or_none(record, opts, report, f"chunk {chunk.n} row {i}")
+            if first + i in crashed:
+                report[crashed[first + i]] += 1
+                continue
+            row = _row_or_none(record, opts, report, first + i)
             if row is not None:
                 writer.add(row)
                 report[WRITTEN] += 1
     _tick(chunk.rows % 64)
     sidecar = {"chunk": chunk.n, "offset": chunk.offset, "input_rows": chunk.rows, "entry": _finish(writer),
-               "report": dict(report)}
+               "report": dict(report), "crashed rows": sorted(crashed)}
     _write_json(sidecar_path(opts.out, chunk.n), sidecar)  # after the shard: a sidecar means the shard is done
     return sidecar
+
+
+def convert_row(opts: Options, chunk: Chunk, row: int) -> None:
+    """Decode one input row of a chunk, write nothing: does it kill the process on its own?"""
+    with open(opts.input, "rb") as f:
+        _, record = next(islice(input_rows(opts, f, chunk.offset), row - chunk.n * opts.rows_per_shard - 1, None))
+    _row_or_none(record, opts, Counter(), row)
+
+
+# ---------------------------------------------------------------- when a worker dies
+
+def crash_reason(signum: int) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    if signum == signal.SIGKILL:  # what the OOM killer sends; nothing in the process itself raises it
+        return f"dropped: worker killed ({name}, OOM?)"
+    return f"dropped: worker crashed ({name})"
+
+
+def _alone(row_now, fn, *args) -> None:
+    global _row_now
+    _row_now = row_now
+    pa.set_cpu_count(1)
+    fn(*args)
+
+
+def _run_alone(context, fn, *args) -> tuple[int, int]:
+    """fn(*args) in a fresh process of its own: (exit code, -signal if it died; the input row it died on or 0)."""
+    row_now = context.RawValue("q", 0)  # one writer, read after it exits: no lock needed
+    process = context.Process(target=_alone, args=(row_now, fn, *args), daemon=True)
+    process.start()
+    process.join()
+    return process.exitcode, row_now.value
+
+
+def _isolate(opts: Options, chunk: Chunk, context) -> dict:
+    """Convert a chunk whose pool broke under it (runs in a parent thread; returns the sidecar). Each try is a
+    fresh process; one that dies on a row is followed by one decoding only that row: if that dies too, the row is
+    dropped under its signal and the chunk tried again without it. Bounded: every try drops one more row of the
+    chunk or counts toward UNCONFIRMED_DEATHS; a try that skips every row decodes nothing."""
+    crashed: dict[int, str] = {}
+    unconfirmed = 0
+    while True:
+        code, row = _run_alone(context, convert_chunk, opts, chunk, crashed)
+        if code == 0:
+            return json.loads(sidecar_path(opts.out, chunk.n).read_text())
+        if code > 0:  # a Python error, not a death: multiprocessing printed its traceback
+            raise RuntimeError(f"chunk {chunk.n}: converting it in a process of its own failed (exit code {code})")
+        alone = _run_alone(context, convert_row, opts, chunk, row)[0] if row else 0
+        if alone < 0:
+            crashed[row] = crash_reason(-alone)
+            log.warning("input row %d %s decoding it, on its own too", row, crashed[row])
+            continue
+        unconfirmed += 1
+        if unconfirmed == UNCONFIRMED_DEATHS:
+            raise ConvertError(f"chunk {chunk.n}: its worker died {unconfirmed} times ({crash_reason(-code)}), but no "
+                               f"row kills a process on its own: out of memory (try fewer --workers)? A restart "
+                               f"resumes the conversion.")
 
 
 def finished_sidecar(out: Path, chunk: Chunk) -> dict | None:
@@ -566,9 +667,11 @@ class _Inline(Executor):
 
 
 def settings_of(opts: Options) -> dict:
-    """What the output depends on: the input file as it is now and every option except --out and --workers."""
+    """What the output depends on: the input file as it is now and every option except --out, --workers and the
+    fault drill (which stands in for a machine fault, as real crashes do not enter the settings either)."""
     stat = opts.input.stat()
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items() if k != "out"}
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()
+               if k not in ("out", "fault_crash_rows", "fault_crash_signal")}
     options["header"] = list(opts.header)
     return {"converter": VERSION, **options, "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
 
@@ -595,29 +698,52 @@ def prepare_out(opts: Options) -> dict:
     return settings
 
 
-def _convert_chunks(opts: Options, pool: Executor, counter, bar: tqdm, run: Counter) -> dict[int, dict]:
-    sidecars, pending = {}, set()
-    total = 0
-    for chunk in scan_chunks(opts):
-        total += chunk.rows
-        done = finished_sidecar(opts.out, chunk)
-        if done is None:
-            pending.add(pool.submit(convert_chunk, opts, chunk))
-        else:
-            sidecars[chunk.n], run["shards reused"] = done, run["shards reused"] + 1
-            with counter.get_lock():
-                counter.value += chunk.rows
-        bar.update(counter.value - bar.n)
-    bar.total = total
-    bar.refresh()
-    while pending:
-        finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-        for future in finished:
-            sidecar = future.result()
-            sidecars[sidecar["chunk"]] = sidecar
-            run["shards converted"] += 1
-            run["converted rows"] += sidecar["input_rows"]
-        bar.update(counter.value - bar.n)
+def _convert_chunks(opts: Options, workers: int, pools: list[Executor], new_pool, context, counter, bar: tqdm,
+                    run: Counter) -> dict[int, dict]:
+    """Convert every unfinished chunk, at most `workers` at a time: when a worker dies, every chunk its pool held
+    is a suspect (the pool does not say which one killed it), so few are in flight. pools[-1] is the live pool."""
+    sidecars, backlog, running = {}, deque(), {}  # running: future -> (chunk, its pool; None: _isolate)
+    chunks, total = scan_chunks(opts), 0
+    isolate = ThreadPoolExecutor(workers)  # a thread per suspect chunk, waiting on one process at a time
+    try:
+        while chunks or backlog or running:
+            if chunks:  # scan on while the workers convert
+                chunk = next(chunks, None)
+                total += chunk.rows if chunk else 0
+                if chunk is None:
+                    chunks, bar.total = None, total
+                    bar.refresh()
+                elif (done := finished_sidecar(opts.out, chunk)) is None:
+                    backlog.append(chunk)
+                else:
+                    sidecars[chunk.n], run["shards reused"] = done, run["shards reused"] + 1
+                    with counter.get_lock():
+                        counter.value += chunk.rows
+            while backlog and len(running) < workers:
+                chunk = backlog.popleft()
+                try:
+                    future = pools[-1].submit(convert_chunk, opts, chunk)
+                except BrokenProcessPool:  # broke before any of its futures told us
+                    pools.append(new_pool())
+                    future = pools[-1].submit(convert_chunk, opts, chunk)
+                running[future] = chunk, pools[-1]
+            finished, _ = wait(running, timeout=0 if chunks else 0.5, return_when=FIRST_COMPLETED)
+            for future in finished:
+                chunk, pool = running.pop(future)
+                try:
+                    sidecar = future.result()
+                except BrokenProcessPool:  # a worker died (segfault, OOM kill): the pool is gone with its chunks
+                    if pool is pools[-1]:
+                        pools.append(new_pool())
+                    running[isolate.submit(_isolate, opts, chunk, context)] = chunk, None
+                    continue
+                sidecars[sidecar["chunk"]] = sidecar
+                run["shards converted"] += 1
+                run["shards redone in isolation"] += pool is None
+                run["converted rows"] += sidecar["input_rows"]
+            bar.update(counter.value - bar.n)
+    finally:
+        isolate.shutdown(wait=True, cancel_futures=True)
     return sidecars
 
 
@@ -642,6 +768,16 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _process_pool(workers: int, context, counter) -> ProcessPoolExecutor:
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(counter,))
+    # Start every worker now, with a no-op each. CPython 3.11's pool spawns a worker after waking its manager
+    # thread, which then may watch only the older workers for deaths until its next result: a crash went unnoticed
+    # until another worker finished its chunk (which then was not redone). A result after all spawns closes that.
+    for _ in range(workers):
+        pool.submit(int)
+    return pool
+
+
 def _spawnable() -> bool:
     """Spawned workers re-import __main__ from its file; a script piped to python on stdin has none."""
     main_file = getattr(sys.modules["__main__"], "__file__", None)
@@ -663,26 +799,32 @@ def convert(opts: Options, workers: int | None = None, progress: bool = True) ->
     if workers > 1 and not _spawnable():
         raise ConvertError("workers > 1 spawns processes, which re-import __main__, and __main__ is not a file "
                            "here (stdin?): run from a script file, or use workers=1")
+    if opts.fault_crash_rows and workers == 1:
+        raise ConvertError("the fault drill needs worker processes (--workers 2 or more): with --workers 1 the "
+                           "converter itself would die")
+    if opts.fault_crash_signal not in CRASH_SIGNALS:
+        raise ConvertError(f"fault_crash_signal must be one of {CRASH_SIGNALS}: {opts.fault_crash_signal!r}")
     opts = read_header(opts)
     settings = prepare_out(opts)
     context = multiprocessing.get_context("spawn")  # fork after pyarrow started threads can deadlock
     counter = context.Value("q", 0)
-    pool = _Inline() if workers == 1 else ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(counter,))
+    new_pool = _Inline if workers == 1 else partial(_process_pool, workers, context, counter)
+    pools = [new_pool()]  # the last one is live; a worker's death breaks a pool and _convert_chunks adds one
     run: Counter = Counter()
     try:
         with tqdm(desc="convert", unit="rows", disable=not progress, smoothing=0.05) as bar:
-            sidecars = _convert_chunks(opts, pool, counter, bar, run)
+            sidecars = _convert_chunks(opts, workers, pools, new_pool, context, counter, bar, run)
         if opts.dedup:
-            _dedup(opts, pool, sidecars, run, progress)
+            _dedup(opts, pools[-1], sidecars, run, progress)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
     report = total_report(sidecars)
     entries = [sidecars[n]["entry"] for n in sorted(sidecars) if sidecars[n]["entry"]]
     write_manifest(opts.out, entries, report=report, converter=settings)
     seconds = time.perf_counter() - started
     return {**report, "shards": len(entries), **{k: run[k] for k in
-            ("shards converted", "shards reused", "shards rewritten by dedup")},
+            ("shards converted", "shards redone in isolation", "shards reused", "shards rewritten by dedup")},
             "seconds": round(seconds, 3), "rows/s": round(run["converted rows"] / seconds, 1)}
 
 
@@ -712,6 +854,10 @@ def _positive(value: str) -> int:
     return number
 
 
+def _rows(value: str) -> tuple[int, ...]:
+    return tuple(sorted({_positive(v) for v in value.split(",")}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--image-root", type=Path, required=True, help="image paths are relative to this")
@@ -723,6 +869,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--row-group-bytes", type=_positive, default=ROW_GROUP_BYTES, help="image bytes per row group")
     common.add_argument("--source", default="", help="the `source` column (default: the input file name)")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--fault-crash-rows", type=_rows, default=(), metavar="ROW[,ROW...]",
+                        help="fault drill: the worker decoding these input rows (from 1) kills itself")
+    common.add_argument("--fault-crash-signal", choices=CRASH_SIGNALS, default="SIGSEGV",
+                        help="the signal of --fault-crash-rows (default: SIGSEGV)")
     parser = argparse.ArgumentParser(prog="python -m brivl_ds.data.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = parser.add_subparsers(dest="kind", required=True)
@@ -741,7 +891,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     common = dict(rows_per_shard=args.rows_per_shard, dedup=args.dedup, max_pixels=args.max_pixels,
-                  row_group_bytes=args.row_group_bytes, source=args.source)
+                  row_group_bytes=args.row_group_bytes, source=args.source, fault_crash_rows=args.fault_crash_rows,
+                  fault_crash_signal=args.fault_crash_signal)
     if args.kind == "official":
         opts = Options("official", args.jsonl, args.image_root, args.out, text_kind=args.text_kind, **common)
     else:
