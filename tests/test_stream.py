@@ -1,4 +1,10 @@
-"""Streaming training data: partition over ranks x workers, per-epoch shuffle, exact mid-epoch resume, bad rows."""
+"""Streaming training data: partition over ranks x workers, per-epoch shuffle, exact mid-epoch resume (also on
+another world size or per-rank batch size: re-dealing), bad rows."""
+import dataclasses
+import hashlib
+import itertools
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -58,6 +64,68 @@ def test_order_is_a_function_of_seed_and_epoch():
     assert any(len(set(g)) > 1 for g in groups.tolist())
 
 
+# The layout before re-dealing existed (sha256 of rank_batches as then computed): an epoch that is never re-dealt
+# keeps exactly that order, so checkpoints of earlier runs resume exactly.
+@pytest.mark.parametrize("sizes, world, rank, batch, block, streams, seed, epoch, shape, digest", [
+    ([30, 7, 25, 40, 12], 2, 1, 4, 16, 2, 3, 0, (14, 4), "47b970c428868b17"),
+    ([30, 7, 25, 40, 12], 3, 2, 5, 7, 3, 9, 2, (7, 5), "01664ad016bc0c79"),
+    ([100] * 9 + [37], 4, 3, 8, 32, 2, 11, 1, (29, 8), "92269660db9373ea"),
+    ([5, 1, 13, 64, 2, 9], 1, 0, 3, 1, 4, 0, 5, (31, 3), "c5afb6eeb48cab90"),
+    ([1024, 800, 1024, 333], 2, 0, 16, 1024, 8, 11, 4, (99, 16), "6d203059f1898559"),
+])
+def test_an_epoch_that_is_not_redealt_keeps_its_order_bit_for_bit(sizes, world, rank, batch, block, streams, seed,
+                                                                  epoch, shape, digest):
+    got = plan.rank_batches(np.array(sizes), epoch, plan.Layout(world, rank, batch, block, streams, seed))
+    assert got.shape == shape and hashlib.sha256(got.astype(np.int64).tobytes()).hexdigest()[:16] == digest
+
+
+def epoch_rows(sizes, epoch, first: plan.Deal, seed):
+    """Row ids of an epoch as its first deal lays it out, every rank."""
+    return [r for rank in range(first.world) for b in plan.deal_batches(sizes, epoch, seed, [first], rank)
+            for r in b.tolist()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=10), epoch=st.integers(0, 3),
+       chain=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 3), st.integers(1, 20),
+                                st.floats(0, 1)), min_size=2, max_size=4))
+def test_redeals_hand_out_every_row_of_the_epoch_once(sizes, epoch, chain):
+    """A chain of deals (world, batch, streams, block; the fraction of its batches consumed before the next one):
+    rows consumed under each deal, plus all of the last one's, are the first deal's epoch, each once."""
+    sizes, seed = np.array(sizes), 5
+    expected = epoch_rows(sizes, epoch, plan.Deal(*chain[0][:4]), seed)
+    deals, seen = [], []
+    for i, (world, batch, streams, block, fraction) in enumerate(chain):
+        deal, left = plan.Deal(world, batch, streams, block), len(expected) - len(seen)
+        try:
+            per_rank = [plan.deal_batches(sizes, epoch, seed, deals + [deal], r) for r in range(world)]
+        except ValueError as err:  # refused only when the last global batch would leave a rank without a row
+            assert 0 < left % (world * batch) < world and "World sizes that work" in str(err)
+            return
+        n = plan.deal_batches_per_rank(int(sizes.sum()), epoch, seed, deals + [deal])
+        assert all(len(b) == n for b in per_rank)  # ranks step together
+        lengths = np.array([[len(x) for x in b] for b in per_rank]).reshape(world, n)
+        assert (lengths[:, :-1] == batch).all() and (lengths >= 1).all() and (lengths <= batch).all()
+        assert n == 0 or np.ptp(lengths[:, -1]) <= 1  # a smaller last batch is split evenly
+        consumed = n if i == len(chain) - 1 else int(fraction * n)
+        seen += [r for b in per_rank for x in b[:consumed] for r in x.tolist()]
+        deals.append(dataclasses.replace(deal, consumed=consumed))
+        left_rows = plan.rows_at(sizes, epoch, seed, plan.expand(plan.remaining(int(sizes.sum()), epoch, seed, deals)))
+        assert sorted(left_rows.tolist()) == sorted(set(expected) - set(seen))
+    assert len(seen) == len(set(seen)) and sorted(seen) == sorted(expected)
+
+
+def test_a_world_size_that_cannot_be_dealt_is_refused_naming_those_that_can():
+    sizes, seed = np.array([60, 80, 50, 66]), 1  # 256 rows: 2 ranks x 7 keep 252, 18 batches a rank
+    before = plan.Deal(2, 7, 2, 16, consumed=5)  # 252 - 70 = 182 rows left; 4 x 9 leaves 182 % 36 = 2 rows < 4 ranks
+    with pytest.raises(ValueError, match=r"182 rows left .* 4 ranks x 9 .* World sizes that work .*: \[(.*)\]") as err:
+        plan.deal_batches_per_rank(256, 0, seed, [before, plan.Deal(4, 9)])
+    fits = [int(w) for w in err.value.args[0].split("[")[1].split("]")[0].split(", ")]
+    assert 3 in fits and 4 not in fits and 5 not in fits  # 182 % 45 = 2 < 5 too
+    for world in fits:  # and those do deal
+        assert plan.deal_batches_per_rank(256, 0, seed, [before, plan.Deal(world, 9)]) == -(-182 // (9 * world))
+
+
 # --------------------------------------------------------------------------------------------------------- real shards
 @pytest.fixture(scope="module")
 def stream_parts(shapes_data):
@@ -66,9 +134,16 @@ def stream_parts(shapes_data):
     return shapes_data["train"], transform, Collator(tokenizer, 40)
 
 
-def make_stream(parts, rank=0, world=1, batch=8, block=32):
+def make_stream(parts, rank=0, world=1, batch=8, block=32, cls=ShardStream):
     path, transform, collate = parts
-    return ShardStream(path, transform, collate, batch, rank, world, seed=11, block_rows=block)
+    return cls(path, transform, collate, batch, rank, world, seed=11, block_rows=block)
+
+
+class RowStream(ShardStream):
+    """The stream's positions and row ids without reading images: for tests about which rows go where."""
+
+    def _batch(self, position, ids):
+        return None, {"position": position, "rows": ids.tolist()}
 
 
 def collect(stream, workers):
@@ -83,7 +158,7 @@ def test_dataloader_workers_yield_the_rank_sequence_in_order(stream_parts):
     got = collect(stream, workers=2)
     expected = stream.epoch_batches()
     assert [p for p, _, _ in got] == list(range(len(expected)))
-    assert [rows for _, rows, _ in got] == expected.tolist()
+    assert [rows for _, rows, _ in got] == [b.tolist() for b in expected]
     assert all(images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32) for _, _, images in got)
 
 
@@ -100,14 +175,15 @@ def test_mid_epoch_resume_gives_exactly_the_remaining_batches(stream_parts):
         assert torch.equal(a, b)  # the same augmentations, whatever the worker layout
 
 
-def test_ranks_partition_an_epoch_and_a_resume_on_other_ranks_is_refused(stream_parts):
+def test_ranks_partition_an_epoch_and_an_old_checkpoint_on_other_ranks_is_refused(stream_parts):
     streams = [make_stream(stream_parts, rank=r, world=3) for r in range(3)]
     rows = []
     for s in streams:
         s.start_epoch(0, num_workers=1)
-        rows += [r for b in s.epoch_batches().tolist() for r in b]
+        rows += [r for b in s.epoch_batches() for r in b.tolist()]
     assert len(rows) == len(set(rows)) == streams[0].total_rows - streams[0].total_rows % 24
     other = make_stream(stream_parts, world=1)
+    # a checkpoint from before re-dealing records no per-rank batch size: the rest of its epoch is unknown
     with pytest.raises(ValueError, match="same ranks"):
         other.set_position(StreamState(epoch=0, batch_in_epoch=3, streams=1, world=3,
                                        fingerprint=other.fingerprint))
@@ -131,8 +207,6 @@ def test_undecodable_rows_are_replaced_and_counted(stream_parts, tmp_path):
 
 
 def test_a_checkpoint_position_round_trips_and_an_old_mid_epoch_one_is_refused(stream_parts):
-    import dataclasses
-
     from brivl_ds.trainer import Position
 
     stream = make_stream(stream_parts)
@@ -142,3 +216,71 @@ def test_a_checkpoint_position_round_trips_and_an_old_mid_epoch_one_is_refused(s
     old = Position.from_dict({"step": 7, "epoch": 2, "batch_in_epoch": 5, "samples": 56, "skipped_rows": 0})
     with pytest.raises(ValueError, match="cannot resume mid-epoch"):
         stream.set_position(old.data)
+
+
+# ---------------------------------------------------------------------------------------------------- re-dealing
+def train_ranks(parts, world, batch, checkpoint, batches=None, workers=1, block=32):
+    """`world` ranks resume from `checkpoint` (a saved position's JSON; None: epoch 1 from its start) and train
+    `batches` batches each (None: to the end of the epoch) in step, checking positions as the trainer does.
+    Returns the rows they trained on and the checkpoint they would save next (the same on every rank)."""
+    rows, saved = [], set()
+    for rank in range(world):
+        stream = make_stream(parts, rank=rank, world=world, batch=batch, block=block, cls=RowStream)
+        if checkpoint is None:
+            stream.start_epoch(1, workers)
+        else:
+            stream.set_position(StreamState(**json.loads(checkpoint)), num_workers=workers)
+        state, remaining = stream.state, len(stream)
+        metas = [meta for _, meta in itertools.islice(stream, batches)]
+        assert len(metas) == (remaining if batches is None else batches)  # len(): the batches left
+        for meta in metas:
+            assert meta["position"] == state.batch_in_epoch
+            rows += meta["rows"]
+            state.batch_in_epoch += 1
+        saved.add(json.dumps(dataclasses.asdict(state)))
+    assert len(saved) == 1
+    return rows, saved.pop()
+
+
+@pytest.mark.parametrize("runs", [
+    [(4, 8, 32, 3), (2, 8, 32, None)],  # 160 rows left: 2 x 8 deal them exactly
+    [(2, 8, 32, 5), (4, 8, 16, None)],  # 176 left: 5 global batches of 32, then one of 16 (4 a rank)
+    [(2, 8, 32, 5), (2, 16, 32, None)],  # the per-rank batch size changes, the world does not
+    # a chain within one epoch, with a resume on the same ranks after a re-deal (it goes on with that deal, in its
+    # recorded shuffle blocks) and a last global batch of 13 rows: 5 + 4 + 4
+    [(4, 8, 32, 3), (2, 12, 24, 2), (2, 12, 48, 1), (3, 5, 10, None)],
+], ids=["4to2", "2to4", "batch8to16", "4to2to2to3"])
+def test_resumes_on_other_world_sizes_mid_epoch_train_on_each_row_once(stream_parts, runs):
+    (world, batch, block, _), seen, checkpoint = runs[0], [], None
+    expected = epoch_rows(make_stream(stream_parts).row_groups, 1, plan.Deal(world, batch, 1, block), seed=11)
+    for world, batch, block, batches in runs:
+        rows, checkpoint = train_ranks(stream_parts, world, batch, checkpoint, batches, block=block)
+        seen += rows
+    assert len(seen) == len(set(seen)) and sorted(seen) == sorted(expected)
+    assert len(StreamState(**json.loads(checkpoint)).history) == len({run[:2] for run in runs}) - 1
+    # the epoch is over on every rank: a later resume, on any world, has nothing left of it
+    rest, _ = train_ranks(stream_parts, 4, 8, checkpoint)
+    assert rest == []
+
+
+def test_after_a_redeal_dataloader_workers_do_not_change_the_sequence(stream_parts):
+    _, checkpoint = train_ranks(stream_parts, 4, 8, None, batches=3, workers=2)
+    stream = make_stream(stream_parts, rank=1, world=2, batch=12)
+    stream.set_position(StreamState(**json.loads(checkpoint)), num_workers=2)
+    one, three = collect(stream, workers=0), collect(stream, workers=3)
+    # 160 rows left: 6 batches of 2 x 12, then one of 2 x 8; positions go on from the checkpoint's
+    assert [p for p, _, _ in one] == list(range(3, 10)) == [p for p, _, _ in three]
+    assert [len(r) for _, r, _ in one] == [12] * 6 + [8] and [i.shape[0] for _, _, i in one] == [12] * 6 + [8]
+    assert [r for _, r, _ in one] == [r for _, r, _ in three] == [b.tolist() for b in stream.epoch_batches()]
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(one, three))
+
+
+def test_a_redeal_that_cannot_be_exact_is_refused_at_resume(stream_parts):
+    _, checkpoint = train_ranks(stream_parts, 2, 8, None, batches=5)  # 176 rows left
+    state = StreamState(**json.loads(checkpoint))
+    stream = make_stream(stream_parts, world=3, batch=29)  # 176 % 87 = 2 rows for 3 ranks
+    with pytest.raises(ValueError, match="World sizes that work"):
+        stream.set_position(state)
+    other = make_stream(stream_parts, world=4)
+    with pytest.raises(ValueError, match="same shards"):
+        other.set_position(dataclasses.replace(state, fingerprint="0123456789abcdef"))

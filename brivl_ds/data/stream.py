@@ -3,7 +3,8 @@
 Each rank reads only its span of the epoch (see plan.py) and each DataLoader worker only the blocks of its batches:
 row groups are read with the columns a sample needs and released once their block is done. Augmentation randomness
 is a function of (seed, epoch, row) only, never of the worker layout or the training RNG, so a resumed run sees
-exactly the images an uninterrupted one would have seen.
+exactly the images an uninterrupted one would have seen. Resuming mid-epoch with another number of ranks or per-rank
+batch size re-deals the rows no rank has consumed yet (plan.py): each is still seen once in the epoch.
 
 A row that fails at read time (undecodable image, missing text) is replaced by a good row of the same batch and
 counted: the batch keeps its size (all ranks must step together) and the run goes on.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,28 @@ COLUMNS = ["id", "image", "text", "boxes"]
 
 @dataclass
 class StreamState:
-    """The data position saved in every checkpoint."""
+    """The data position saved in every checkpoint: the epoch's current deal (plan.py) and the earlier ones."""
     epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` this rank has consumed
-    streams: int = 1  # workers the epoch was laid out for
+    batch_in_epoch: int = 0  # batches of `epoch` this rank has consumed, over all its deals
+    streams: int = 1  # workers the current deal was laid out for
     world: int = 1
     fingerprint: str = ""
+    batch_size: int = 0  # per rank, of the current deal; 0: not recorded (a checkpoint from before re-dealing)
+    block_rows: int = 0  # shuffle block of the current deal; 0: not recorded
+    history: list[plan.Deal] = field(default_factory=list)  # earlier deals of this epoch, oldest first
+
+    def __post_init__(self):  # rebuilt from a checkpoint's dict: StreamState(**dataclasses.asdict(state))
+        self.history = [h if isinstance(h, plan.Deal) else plan.Deal(**h) for h in self.history]
+
+    @property
+    def deal_start(self) -> int:
+        """Position of the current deal's first batch: the batches consumed under the earlier deals."""
+        return sum(h.consumed for h in self.history)
+
+    def deals(self) -> list[plan.Deal]:
+        """The epoch's deals, the current one last with what it has consumed so far."""
+        return self.history + [plan.Deal(self.world, self.batch_size, self.streams, self.block_rows,
+                                         self.batch_in_epoch - self.deal_start)]
 
 
 @dataclass
@@ -90,7 +107,8 @@ class RowGroupReader:
 class ShardStream(IterableDataset):
     """Yields (Batch, meta) for this rank's batches of the current epoch, from `set_position`'s batch on.
 
-    meta: position (index in the rank's epoch sequence, checked by the trainer), ids, skipped (rows replaced).
+    meta: position (index in the rank's epoch sequence, over all its deals; checked by the trainer), ids, skipped
+    (rows replaced).
     """
 
     def __init__(self, path: str | Path, transform, collate, batch_size: int, rank: int = 0, world: int = 1,
@@ -100,41 +118,67 @@ class ShardStream(IterableDataset):
         self.total_rows = int(self.row_groups.sum())
         self.transform, self.collate = transform, collate
         self.batch_size, self.rank, self.world, self.seed, self.block_rows = batch_size, rank, world, seed, block_rows
-        self.batches_per_epoch = plan.batches_per_epoch(self.total_rows, world, batch_size)
+        self.batches_per_epoch = plan.batches_per_epoch(self.total_rows, world, batch_size)  # of the current epoch
         if self.batches_per_epoch == 0:
             raise ValueError(f"{self.total_rows} rows in {path} cannot fill one global batch of "
                              f"{batch_size} x {world} ranks")
         self.fingerprint = plan.fingerprint(self.row_groups)
-        self.state = StreamState(world=world, fingerprint=self.fingerprint)
+        self.state = StreamState(world=world, fingerprint=self.fingerprint, batch_size=batch_size,
+                                 block_rows=block_rows)
         self._reader: RowGroupReader | None = None
 
-    def layout(self, streams: int) -> plan.Layout:
-        return plan.Layout(self.world, self.rank, self.batch_size, self.block_rows, streams, self.seed)
-
-    def set_position(self, state: StreamState) -> None:
-        """Continue from `state` (a fresh epoch, or a checkpoint's mid-epoch position)."""
-        if state.batch_in_epoch and (state.world != self.world or state.fingerprint != self.fingerprint):
-            raise ValueError(
-                f"cannot resume mid-epoch {state.epoch} exactly: the checkpoint was taken with {state.world} ranks on "
-                f"data {state.fingerprint}, this run has {self.world} ranks on data {self.fingerprint}. Resume with "
-                "the same ranks and shards, or from a checkpoint at an epoch boundary.")
-        self.state = StreamState(state.epoch, state.batch_in_epoch, state.streams, self.world, self.fingerprint)
+    def set_position(self, state: StreamState, num_workers: int | None = None) -> None:
+        """Continue from `state`: a fresh epoch, or a checkpoint's mid-epoch position, continued exactly. A
+        mid-epoch checkpoint of another world size or per-rank batch size (same data) is re-dealt (plan.py): the
+        rows no rank has consumed are dealt to this run's ranks, laid out for `num_workers` DataLoader workers
+        (default: as the checkpoint's deal was), and positions go on from `state.batch_in_epoch`. Raises ValueError
+        when the resume cannot be exact."""
+        if not state.batch_in_epoch:  # an epoch boundary: laid out for this run
+            state = StreamState(state.epoch, 0, state.streams, block_rows=self.block_rows)
+        else:
+            if state.fingerprint != self.fingerprint:
+                raise ValueError(
+                    f"cannot resume mid-epoch {state.epoch} exactly: the checkpoint was taken on data "
+                    f"{state.fingerprint}, this run has data {self.fingerprint}. Resume with the same shards, or "
+                    "from a checkpoint at an epoch boundary.")
+            if not state.batch_size and state.world != self.world:
+                raise ValueError(
+                    f"cannot resume mid-epoch {state.epoch} exactly: the checkpoint was taken with {state.world} "
+                    f"ranks and records no per-rank batch size (it predates re-dealing); this run has {self.world} "
+                    "ranks. Resume with the same ranks, or from a checkpoint at an epoch boundary.")
+            # What a checkpoint from before re-dealing did not record was this run's, as it has always been taken.
+            state = replace(state, batch_size=state.batch_size or self.batch_size,
+                            block_rows=state.block_rows or self.block_rows)
+            if (state.world, state.batch_size) != (self.world, self.batch_size):  # re-deal the rest of the epoch
+                done = state.deals()[-1]
+                state = StreamState(state.epoch, state.batch_in_epoch,
+                                    state.streams if num_workers is None else max(1, num_workers),
+                                    block_rows=self.block_rows,
+                                    history=state.history + ([done] if done.consumed else []))
+        # A continued deal keeps its recorded shuffle block: the order of its remaining batches depends on it.
+        self.state = StreamState(state.epoch, state.batch_in_epoch, state.streams, self.world, self.fingerprint,
+                                 self.batch_size, state.block_rows, list(state.history))
+        # Sized (and checked) here, so that an impossible re-deal fails at resume time, not in a DataLoader worker.
+        self.batches_per_epoch = self.state.deal_start + plan.deal_batches_per_rank(
+            self.total_rows, self.state.epoch, self.seed, self.state.deals())
 
     def start_epoch(self, epoch: int, num_workers: int) -> None:
-        self.set_position(StreamState(epoch, 0, max(1, num_workers), self.world, self.fingerprint))
+        self.set_position(StreamState(epoch, 0, max(1, num_workers)))
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.state.batch_in_epoch
 
-    def epoch_batches(self) -> np.ndarray:
-        return plan.rank_batches(self.row_groups, self.state.epoch, self.layout(self.state.streams))
+    def epoch_batches(self) -> list[np.ndarray]:
+        """This rank's batches of the current deal, in order (row ids): batch i has position deal_start + i. Only a
+        re-deal's last batch may be smaller than batch_size."""
+        return plan.deal_batches(self.row_groups, self.state.epoch, self.seed, self.state.deals(), self.rank)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        batches = self.epoch_batches()
-        for position in plan.worker_positions(len(batches), self.state.batch_in_epoch, worker, workers):
-            yield self._batch(position, batches[position])
+        batches, first = self.epoch_batches(), self.state.deal_start
+        for i in plan.worker_positions(len(batches), self.state.batch_in_epoch - first, worker, workers):
+            yield self._batch(first + i, batches[i])
 
     def sample_seed(self, row: int) -> int:
         return int(np.random.SeedSequence([self.seed, self.state.epoch, row]).generate_state(1)[0])
