@@ -20,6 +20,7 @@ setup(
         "brivl_ds.data",
         "brivl_ds.parallel",
         "brivl_ds.memory",
+        "brivl_ds.resilience",
         "brivl_kernels",
     ],
     package_dir={"brivl_kernels": "kernels"},

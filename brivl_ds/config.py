@@ -201,6 +201,47 @@ class TrainConfig:
 
 
 @dataclass
+class ResilienceConfig:
+    keep_last: int = 3
+    """Published checkpoints kept (oldest deleted first; the one a run resumed from is never deleted); 0 keeps all."""
+    verify_checksums: bool = True
+    """On resume, check every checkpoint file's SHA-256 against its manifest (the ranks share the hashing), not
+    only its size; a damaged checkpoint is skipped for the previous one."""
+    collective_timeout_s: float = 1800.0
+    """Timeout of every collective (torch.distributed): a peer that died turns into an error, not a silent hang."""
+    hang_timeout_s: float = 1200.0
+    """A rank that makes no progress (a step, a batch, a save) for this long stops the job with an error naming
+    the stalled rank and step; keep it above the longest save or evaluation; 0 disables the watchdog."""
+    heartbeat_every: int = 100
+    """Every N steps rank 0 logs a heartbeat line: which rank waited longest for its data, step times; 0 = off."""
+    max_consecutive_skips: int = 10
+    """Stop after this many optimizer steps in a row were skipped for a non-finite loss or gradient norm."""
+
+
+@dataclass
+class DrillConfig:
+    """Fault drills: inject a fault on purpose to rehearse recovery (the tests use the same switches). Steps are
+    the optimizer step being trained (1-based); -1 = off."""
+    nonfinite_loss_at_step: int = -1
+    """Multiply rank `nonfinite_loss_rank`'s loss by NaN at this step (and the next `nonfinite_loss_steps` - 1)."""
+    nonfinite_loss_rank: int = 0
+    nonfinite_loss_steps: int = 1
+    poison_row: int = -1
+    """Set the image of this dataset row (its global row id) to NaN when a rank trains on it."""
+    stall_at_step: int = -1
+    """Rank `stall_rank` stops making progress while it waits for this step's batch (a stuck reader)."""
+    stall_rank: int = 0
+    crash_at_step: int = -1
+    """Rank `crash_rank` kills itself (SIGKILL) during this step (`crash_during=step`: between backward and the
+    optimizer step) or during this step's checkpoint save (`crash_during=save`: after its first file is written)."""
+    crash_rank: int = 0
+    crash_during: str = "step"
+    fail_save_at_step: int = -1
+    """Rank `fail_save_rank`'s checkpoint write at this step fails with 'No space left on device'."""
+    fail_save_rank: int = 0
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -209,6 +250,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    drill: DrillConfig = field(default_factory=DrillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

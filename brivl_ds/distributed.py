@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,9 +26,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(threads: int = 0) -> DistInfo:
+def init_distributed(threads: int = 0, timeout_s: float = 1800.0) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU). A bare `python train.py`
-    becomes a world of one."""
+    becomes a world of one. Every collective times out after `timeout_s`: a dead peer becomes an error."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -38,7 +39,7 @@ def init_distributed(threads: int = 0) -> DistInfo:
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
         if accel.device_name() == "cpu":
             release_shm_allreduce_buffer()
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -3,12 +3,16 @@
 One optimizer step (`train_step`), read top to bottom:
   forward online + momentum towers -> MoCo loss against the queues -> backward -> ZeRO-3 step (clip, AdamW, LR)
   -> EMA of the momentum shards -> all-gathered enqueue of this step's keys.
+A step whose loss, keys or gradient norm is non-finite on any rank is skipped on every rank: no update, no EMA, no
+enqueue (brivl_ds/resilience). Checkpoints are published atomically and verified on resume.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from brivl_ds.checkpoint import gather_objects, latest_tag, rng_state, set_rng_state
+from brivl_ds.checkpoint import gather_objects, rng_state, set_rng_state
 from brivl_ds.config import Config
 from brivl_ds.data.build import build_collator, build_eval_set, build_train_stream
 from brivl_ds.data.dataset import PairDataset
@@ -38,6 +42,11 @@ from brivl_ds.moco.momentum import MomentumUpdater
 from brivl_ds.moco.queue import KeyQueue
 from brivl_ds.optim import build_optimizer, build_scheduler
 from brivl_ds.parallel.groups import DeepSpeedMPU, init_tensor_parallel
+from brivl_ds.resilience.checkpoints import CheckpointSaveError, CheckpointStore
+from brivl_ds.resilience.drills import Drills
+from brivl_ds.resilience.nonfinite import NonFiniteSteps, step_without_update
+from brivl_ds.resilience.reshard import Resharder, checkpoint_world
+from brivl_ds.resilience.watchdog import StepTimes, Watchdog
 
 
 @dataclass
@@ -46,6 +55,8 @@ class Position:
     step: int = 0  # optimizer steps done
     samples: int = 0  # global samples seen
     skipped_rows: int = 0  # rows that failed at read time and were replaced, all ranks
+    skipped_steps: int = 0  # steps skipped for a non-finite loss, key or gradient norm
+    consecutive_skips: int = 0
     data: StreamState = field(default_factory=StreamState)  # epoch, micro-batches of it consumed, layout
 
     @classmethod
@@ -81,13 +92,19 @@ class Trainer:
         if cfg.parallel.sequence_parallel:  # before anything starts
             raise ValueError("parallel.sequence_parallel is not supported: DeepSpeed would not all-reduce the "
                              "LayerNorm gradients of sequence-parallel regions")
-        self.info = init_distributed(cfg.train.threads)
+        self.info = init_distributed(cfg.train.threads, cfg.resilience.collective_timeout_s)
+        self.drills = Drills(cfg.drill, self.info.rank, self.info.world)
         # Tensor-parallel and data-parallel groups (TP innermost); TP = 1 leaves every rank data-parallel.
         self.groups = init_tensor_parallel(cfg.parallel.tensor_parallel)
         deepspeed.runtime.utils.set_random_seed(cfg.train.seed)  # the same on every rank: TP ranks build one model
         resolve_data(cfg, self.info)
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        self.checkpoints = CheckpointStore(self.ckpt_dir, cfg.resilience.keep_last, cfg.resilience.verify_checksums,
+                                           self.drills.save_faults())
+        self.watchdog = Watchdog(self.info.rank, self.info.world, cfg.resilience.hang_timeout_s)
+        self.step_times = StepTimes()
+        self._bad_micro_steps = 0  # micro-steps of the current accumulation with a non-finite loss or key
 
         self.tokenizer = load_tokenizer(cfg.model.text.tokenizer_path or cfg.model.text.pretrained_path)
         self.collate = build_collator(cfg, self.tokenizer)
@@ -142,71 +159,126 @@ class Trainer:
             drop_metrics_after(self.metrics_file, self.pos.step)
 
     # ------------------------------------------------------------------------------------------------- one step
-    def train_step(self, batch: Batch, skipped_rows: int = 0) -> dict[str, float]:
+    def train_step(self, batch: Batch, skipped_rows: int = 0, rows: list[int] | None = None) -> dict[str, float]:
         if self.groups.tp > 1:
             check_same_batch(batch, self.groups.tp_group, self.info.device)
         batch = batch.to(self.info.device, dtype=self.dtype)
+        batch.images = self.drills.poison(batch.images, rows or [])
         out = run_moco(self.engine, batch)
         loss, parts = moco_loss(out, self.image_queue, self.text_queue, self.cfg.moco.loss_impl)
-        self.engine.backward(loss)
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
-        if boundary:
-            self.momentum.update(self.cfg.moco.momentum)
-        # Keys gathered over the data-parallel group: each enters once, every rank holds the same queue.
-        self.image_queue.enqueue(out.image_key, self.groups.dp_group)
-        self.text_queue.enqueue(out.text_key, self.groups.dp_group)
-        # One small all-reduce for the console and TensorBoard: losses averaged, skipped rows summed over ranks.
+        loss = self.drills.loss(loss, self.pos.step + 1)
+        finite = torch.isfinite(loss) & torch.isfinite(out.image_key).all() & torch.isfinite(out.text_key).all()
+        # One small all-reduce for the console, TensorBoard and the skip decision: losses averaged, skipped rows
+        # summed, non-finite ranks counted, so that every rank takes the same decision.
         stats = all_reduce_mean(torch.stack([loss.detach().float(), parts["loss_i2t"].float(),
                                              parts["loss_t2i"].float(),
-                                             torch.tensor(float(skipped_rows), device=loss.device)]))
+                                             torch.tensor(float(skipped_rows), device=loss.device),
+                                             (~finite).float()]))
+        nonfinite_here = stats[4].item() > 0
+        self._bad_micro_steps += nonfinite_here
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.drills.maybe_crash_mid_step(self.pos.step + 1)
+        applied = True
+        if boundary:
+            skipped_before = self.engine.skipped_steps
+            # A non-finite loss whose gradients stayed finite must not update either; non-finite gradients are
+            # caught by DeepSpeed itself (its global gradient norm check), the same on every rank.
+            if self._bad_micro_steps:
+                step_without_update(self.engine)
+            else:
+                self.engine.step()
+            applied = self.engine.skipped_steps == skipped_before
+            self._bad_micro_steps = 0
+            if applied:
+                self.momentum.update(self.cfg.moco.momentum)
+        else:
+            self.engine.step()
+        # Keys gathered over the data-parallel group: each enters once, every rank holds the same queue. Keys of
+        # a skipped step never enter: the queues are not poisoned.
+        if applied and not nonfinite_here:
+            self.image_queue.enqueue(out.image_key, self.groups.dp_group)
+            self.text_queue.enqueue(out.text_key, self.groups.dp_group)
         return {"loss": stats[0].item(), "loss_i2t": stats[1].item(), "loss_t2i": stats[2].item(),
-                "tau": out.tau.item(), "skipped": round(stats[3].item() * self.groups.dp), "boundary": boundary}
+                "tau": out.tau.item(), "skipped": round(stats[3].item() * self.groups.dp), "boundary": boundary,
+                "applied": applied}
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, float]:
+        self.watchdog.start()
+        try:
+            return self._fit()
+        except Exception as err:
+            if self.watchdog.started and not isinstance(err, (CheckpointSaveError, NonFiniteSteps)):
+                # a collective failed (a peer died or timed out): say which rank holds the job up
+                print(f"ERROR on rank {self.info.rank}: {type(err).__name__}: {str(err)[:500]}. Diagnosis: "
+                      f"{self.watchdog.diagnose(settle=True)}", file=sys.stderr, flush=True)
+            raise
+        finally:
+            self.watchdog.stop()
+
+    def _fit(self) -> dict[str, float]:
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.pos.step, desc="train", dynamic_ncols=True,
                    disable=not (self.info.is_main and cfg.train.progress_bar))
         self.engine.train()
         t_last, samples_last = time.perf_counter(), self.pos.samples
+        t_fetch = time.perf_counter()
+        self.watchdog.beat(self.pos.step + 1, "data")
         while self.pos.step < self.total_steps and self.pos.step != cfg.train.stop_at_step:
             if self.pos.data.batch_in_epoch == 0:  # a fresh epoch is laid out for the workers we have now
                 self.stream.start_epoch(self.pos.data.epoch, cfg.data.num_workers)
-            else:  # mid-epoch resume: the rest of the epoch as it was laid out
-                self.stream.set_position(self.pos.data)
+            else:  # mid-epoch resume: the rest of the epoch, re-dealt if the ranks or batch size changed
+                self.stream.set_position(self.pos.data, num_workers=cfg.data.num_workers)
             self.pos.data = self.stream.state
             for batch, meta in self._loader():
+                self.drills.maybe_stall(self.pos.step + 1)
+                data_wait = time.perf_counter() - t_fetch
+                self.watchdog.beat(self.pos.step + 1, "step")
                 if meta["position"] != self.pos.data.batch_in_epoch:  # the exact-resume guarantee, checked
                     raise RuntimeError(f"data loader yielded batch {meta['position']} of epoch "
                                        f"{self.pos.data.epoch}, expected {self.pos.data.batch_in_epoch}")
-                stats = self.train_step(batch, meta["skipped"])
+                stats = self.train_step(batch, meta["skipped"], meta["rows"])
                 self.pos.data.batch_in_epoch += 1
                 self.pos.samples += len(batch) * self.groups.dp
                 self.pos.skipped_rows += stats.pop("skipped")
-                if not stats["boundary"]:
+                if not stats.pop("boundary"):
+                    t_fetch = time.perf_counter()
                     continue
                 self.pos.step += 1
+                self._count_skip(stats.pop("applied"))
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", tau=f"{stats['tau']:.3f}", refresh=False)
                 bar.update(1)
                 now = time.perf_counter()
                 stats.update(lr=self.scheduler.get_last_lr()[0], grad_norm=self._grad_norm(),
                              step_time=now - t_last, samples_per_s=(self.pos.samples - samples_last) / (now - t_last),
                              queue_fill=self.text_queue.filled / max(1, self.text_queue.size),
-                             skipped_rows=self.pos.skipped_rows)
+                             skipped_rows=self.pos.skipped_rows, skipped_steps=self.pos.skipped_steps)
+                self.step_times.add(data_wait, now - t_last)
                 t_last, samples_last = now, self.pos.samples
                 self._log(stats)
+                self._stop_after_too_many_skips()
+                if cfg.resilience.heartbeat_every and self.pos.step % cfg.resilience.heartbeat_every == 0:
+                    line = self.step_times.heartbeat(self.pos.step, self.info.device)
+                    if self.info.is_main:
+                        print(line, flush=True)
                 if cfg.train.save_every and self.pos.step % cfg.train.save_every == 0:
+                    self.watchdog.beat(self.pos.step, "save")
                     self.save()
                 if cfg.train.eval_every and self.pos.step % cfg.train.eval_every == 0:
+                    self.watchdog.beat(self.pos.step, "eval")
                     self.evaluate()
                     self.engine.train()
                 if self.pos.step >= self.total_steps or self.pos.step == cfg.train.stop_at_step:
                     break
+                self.watchdog.beat(self.pos.step + 1, "data")
+                t_fetch = time.perf_counter()
             else:  # epoch exhausted
                 self.pos.data = StreamState(epoch=self.pos.data.epoch + 1)
         bar.close()
+        self.watchdog.beat(self.pos.step, "save")
         self.save()
+        self.watchdog.beat(self.pos.step, "eval")
         finished = self.pos.step >= self.total_steps
         if self.last_eval_step == self.pos.step:  # eval_every already evaluated this very step
             result = self.last_eval
@@ -217,6 +289,26 @@ class Trainer:
         return result
 
     # ----------------------------------------------------------------------------------------------- utilities
+    def _count_skip(self, applied: bool) -> None:
+        """Count a skipped step (too many in a row stop the run, its last checkpoint left as it was)."""
+        if applied:
+            self.pos.consecutive_skips = 0
+            return
+        self.pos.skipped_steps += 1
+        self.pos.consecutive_skips += 1
+        if self.info.is_main:
+            print(f"step {self.pos.step} skipped: non-finite loss, key or gradient norm (no update, no EMA, no "
+                  f"enqueue; {self.pos.consecutive_skips} in a row, {self.pos.skipped_steps} in all)", flush=True)
+
+    def _stop_after_too_many_skips(self) -> None:
+        limit = self.cfg.resilience.max_consecutive_skips
+        if limit and self.pos.consecutive_skips >= limit:
+            raise NonFiniteSteps(
+                f"stopping: {self.pos.consecutive_skips} consecutive steps (up to step {self.pos.step}) had a "
+                f"non-finite loss, key or gradient norm (resilience.max_consecutive_skips={limit}). The last "
+                f"checkpoint, {self.checkpoints.latest() or '(none)'}, is intact; lower the learning rate or "
+                "check the data around these steps before resuming from it.")
+
     def _loader(self) -> DataLoader:
         workers = self.cfg.data.num_workers
         # Its own generator: every new iterator draws a base seed, and from the global RNG that draw would shift
@@ -234,13 +326,14 @@ class Trainer:
     def _log(self, stats: dict) -> None:
         if not self.info.is_main:
             return
-        record = {"step": self.pos.step, "epoch": self.pos.data.epoch, **{k: v for k, v in stats.items()
-                                                                     if k != "boundary"}}
+        record = {"step": self.pos.step, "epoch": self.pos.data.epoch, **stats}
+        # a skipped step's non-finite values are written as null (strict JSON has no NaN)
+        line = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.pos.step % self.cfg.train.log_every == 0 or self.pos.step == 1:
+            f.write(json.dumps(line) + "\n")
+        if self.pos.step % self.cfg.train.log_every == 0 or self.pos.step == 1 or self.pos.consecutive_skips:
             for key in ("loss", "loss_i2t", "loss_t2i", "tau", "lr", "grad_norm", "samples_per_s", "step_time",
-                        "queue_fill", "skipped_rows"):
+                        "queue_fill", "skipped_rows", "skipped_steps"):
                 self.writer.add_scalar(f"train/{key}", record[key], self.pos.step)
 
     @torch.no_grad()
@@ -266,28 +359,63 @@ class Trainer:
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
         }
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.pos.step}", client_state=state)
+        self.checkpoints.save(self.engine, f"step{self.pos.step}", state)
 
     def _maybe_resume(self) -> bool:
         resume = self.cfg.train.resume
         if resume == "none":
             return False
-        ckpt_dir, tag = (self.ckpt_dir, latest_tag(self.ckpt_dir)) if resume == "auto" else (
-            Path(resume).parent, Path(resume).name)
+        if resume == "auto":  # the newest checkpoint that verifies, falling back past torn or damaged ones
+            ckpt_dir, tag = self.ckpt_dir, self.checkpoints.choose()
+        else:  # the one named, verified: no silent substitute
+            ckpt_dir, tag = Path(resume).parent, Path(resume).name
+            problems = CheckpointStore(ckpt_dir, verify_checksums=self.cfg.resilience.verify_checksums).verify(tag)
+            if problems:
+                raise ValueError(f"checkpoint {resume} is incomplete or damaged: {'; '.join(problems[:3])}")
         if tag is None:
             return False
-        path, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        if path is None:
-            raise FileNotFoundError(f"could not load checkpoint {ckpt_dir}/{tag}")
-        self.pos = Position.from_dict(state["position"])
-        self.momentum.load_state_dict(state["momentum_fp32"])
-        shards = gather_objects((state["image_queue"], state["text_queue"]))
+        if ckpt_dir.resolve() == self.ckpt_dir.resolve():
+            self.checkpoints.resumed_tag = tag  # retention never deletes it
+        folder = ckpt_dir / tag
+        universal = (folder / "zero").is_dir()
+        written_on = (0, 0) if universal else checkpoint_world(folder)
+        if written_on == (self.groups.dp, self.groups.tp):  # the same layout: DeepSpeed's own load, rank by rank
+            path, state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            if path is None:
+                raise FileNotFoundError(f"could not load checkpoint {folder}")
+            self.momentum.load_state_dict(state["momentum_fp32"])
+            shards = gather_objects((state["image_queue"], state["text_queue"]))
+            states = [state]
+        else:
+            states = self._load_resharded(folder)
+            shards = [(s["image_queue"], s["text_queue"]) for s in states]
+            state = states[self.info.rank] if self.info.rank < len(states) else states[0]
+            how = "DeepSpeed universal checkpoint" if universal else \
+                f"{written_on[0]} data-parallel x {written_on[1]} tensor-parallel ranks"
+            if self.info.is_main:
+                print(f"resharding {folder} ({how}) onto {self.groups.dp} x {self.groups.tp}", flush=True)
+        self.pos = Position.from_dict(states[0]["position"])
         self.image_queue.load_shards([s[0] for s in shards])
         self.text_queue.load_shards([s[1] for s in shards])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"])  # another world size: dropout streams restart from the old ranks' states
         if self.info.is_main:
-            print(f"resumed from {ckpt_dir}/{tag} at step {self.pos.step}", flush=True)
+            print(f"resumed from {folder} at step {self.pos.step}", flush=True)
         return True
+
+    def _load_resharded(self, folder: Path) -> list[dict]:
+        """A checkpoint written on other ranks, resharded onto this run's (brivl_ds/resilience/reshard.py)."""
+        whole = None
+        written_tp = 1 if (folder / "zero").is_dir() else checkpoint_world(folder)[1]
+        if self.groups.tp > 1 or written_tp > 1:
+            with torch.device("meta"):  # shapes only: which parameters TP splits, and how
+                whole = build_brivl_moco(self.cfg.model, self.cfg.moco, len(self.tokenizer))
+        resharder = Resharder(self.engine, self.groups, whole, self.cfg.parallel.vocab_parallel)
+        states = resharder.load(folder)
+        if self.momentum.lowp is not None:
+            names = {p: n for n, p in self.engine.module.named_parameters()}
+            self.momentum.load_state_dict({"master": resharder.momentum_masters(
+                [names[m] for _, m in self.momentum.pairs])})
+        return states
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -41,18 +42,26 @@ def run_distributed(fn, world: int, *args) -> None:
     mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
-def deepspeed_train(preset: str, settings: list[str], world: int = 2, timeout: int = 600) -> str:
+def deepspeed_launch(preset: str, settings: list[str], world: int = 2, timeout: int = 600
+                     ) -> tuple[int, str, float]:
     """`deepspeed --num_gpus WORLD brivl_ds/train.py --preset PRESET --set ...`, as a user runs it (CPU processes
-    here); returns the combined output, fails the test with its tail if the run fails."""
+    here): (return code, combined output, seconds)."""
     port = free_port()
     cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", str(port), "brivl_ds/train.py",
            "--preset", preset] + [a for s in settings for a in ("--set", s)]
+    start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    # DeepSpeed's CPU all-reduce buffers (66 MiB of /dev/shm per rank) must not outlive the run
+    # DeepSpeed's CPU all-reduce buffers (66 MiB of /dev/shm per rank) must not outlive the run, failed or not
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    return proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def deepspeed_train(preset: str, settings: list[str], world: int = 2, timeout: int = 600) -> str:
+    """A run that must succeed: its output; fails the test with the output's tail otherwise."""
+    returncode, output, _ = deepspeed_launch(preset, settings, world, timeout)
+    assert returncode == 0, output[-8000:]
+    return output
 
 
 @pytest.fixture(scope="session")

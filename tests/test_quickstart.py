@@ -1,5 +1,5 @@
 """End to end through the real launcher: the quick start (train, checkpoint, evaluate), the eval command on its
-checkpoint, and resume equivalence: 2N steps == N steps + a new process + N steps, exactly (fp32, CPU).
+checkpoint, and resume equivalence after a kill -9 mid-save: the same losses as an uninterrupted run, exactly (fp32, CPU).
 
 The runs train from shards made by the converter (`convert pairs`) out of image files and a JSONL, with DataLoader
 workers, so the whole data path is the one a user's crawl takes."""
@@ -17,13 +17,16 @@ pytestmark = pytest.mark.slow
 N = 3
 
 
+def quickstart_settings(out_dir, data) -> list[str]:
+    """The preset matrix's reduced `tiny` variant (this module is the matrix's run of `tiny`) on `data`."""
+    return [f"train.output_dir={out_dir}", f"data.train_path={data['train']}", f"data.eval_path={data['eval']}",
+            f"model.text.tokenizer_path={data['tokenizer']}", *REDUCED["tiny"], f"train.max_steps={2 * N}",
+            "optim.warmup_steps=2", "train.progress_bar=false"]
+
+
 def launch(out_dir, data, *overrides, world=2):
-    """`deepspeed --num_gpus 2 brivl_ds/train.py --preset tiny ...` (CPU processes here) with the preset matrix's
-    reduced `tiny` variant: this module is the matrix's run of `tiny`."""
-    settings = [f"train.output_dir={out_dir}", f"data.train_path={data['train']}", f"data.eval_path={data['eval']}",
-                f"model.text.tokenizer_path={data['tokenizer']}", *REDUCED["tiny"], f"train.max_steps={2 * N}",
-                "optim.warmup_steps=2", "train.progress_bar=false", *overrides]
-    return deepspeed_train("tiny", settings, world)
+    """`deepspeed --num_gpus 2 brivl_ds/train.py --preset tiny ...` (CPU processes here)."""
+    return deepspeed_train("tiny", [*quickstart_settings(out_dir, data), *overrides], world)
 
 
 def losses(out_dir):
@@ -87,24 +90,34 @@ def test_eval_command_on_the_checkpoint_reproduces_the_run_eval(full_run, tmp_pa
         assert offline[key] == pytest.approx(during[key]), key
 
 
-def test_resume_after_restart_gives_the_same_losses(full_run, converted, tmp_path):
-    """Stop at step N with a checkpoint at N - 1 as well; restart from N - 1, as after a crash that lost step N's
-    checkpoint: step N is trained and logged again, and every step appears once in metrics.jsonl and TensorBoard."""
+def test_restart_after_a_kill_mid_save_gives_the_same_losses(full_run, converted, tmp_path):
+    """kill -9 of rank 1 while it writes step 4's checkpoint (after step 2's was published): the job ends at once;
+    the torn checkpoint is never loaded, the restart resumes from step 2, trains and logs steps 3..6 again, and
+    every step appears once in metrics.jsonl and TensorBoard, with exactly the uninterrupted run's losses."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from conftest import deepspeed_launch
+
     out, _ = full_run
-    first = launch(tmp_path, converted, f"train.stop_at_step={N}", f"train.save_every={N - 1}",
-                   "train.log_every=1", "data.num_workers=2")
-    assert "eval @" not in first  # stopped early: checkpointed, not finished
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step{N}"
+    settings = ["train.save_every=2", "train.log_every=1", "data.num_workers=2"]
+    code, first, seconds = deepspeed_launch("tiny", [*quickstart_settings(tmp_path, converted), *settings,
+                                                     "drill.crash_at_step=4", "drill.crash_during=save",
+                                                     "drill.crash_rank=1"])
+    assert code != 0 and "exits with return code = -9" in first and "--local_rank=1" in first
+    assert "fault drill: rank 1 killed (SIGKILL) after writing" in first and "eval @" not in first
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step2" and (ckpt / "step4.partial").is_dir()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
+        [1, 2, 3, 4]  # logged past the last checkpoint
     # a new process, with a different number of DataLoader workers: resumes mid-epoch
-    second = launch(tmp_path, converted, f"train.resume={tmp_path}/checkpoints/step{N - 1}", "train.log_every=1",
-                    "data.num_workers=0")
-    assert f"resumed from {tmp_path}/checkpoints/step{N - 1} at step {N - 1}" in second
+    second = launch(tmp_path, converted, "train.save_every=2", "train.log_every=1", "data.num_workers=0")
+    assert f"removing {ckpt}/step4.partial: a save that never finished" in second
+    assert f"resumed from {ckpt}/step2 at step 2" in second
     assert losses(tmp_path) == losses(out)  # each step once, and exactly the same: fp32 on CPU
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 2 * N + 1))
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step2", "step4", "step6"]
 
 
 def test_restart_cuts_metrics_back_to_the_checkpoint_and_drops_a_torn_record(tmp_path, capsys):

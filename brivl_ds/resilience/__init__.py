@@ -1,0 +1,1 @@
+"""Surviving faults of long runs: atomic checkpoints, non-finite steps, hung ranks, fault drills, resharding."""
