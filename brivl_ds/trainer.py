@@ -42,6 +42,7 @@ from brivl_ds.moco.momentum import MomentumUpdater
 from brivl_ds.moco.queue import KeyQueue
 from brivl_ds.optim import build_optimizer, build_scheduler
 from brivl_ds.parallel.groups import DeepSpeedMPU, init_tensor_parallel
+from brivl_ds.parallel.rng import rng_tracker_state
 from brivl_ds.resilience.checkpoints import CheckpointSaveError, CheckpointStore
 from brivl_ds.resilience.drills import Drills
 from brivl_ds.resilience.nonfinite import NonFiniteSteps, step_without_update
@@ -390,6 +391,8 @@ class Trainer:
             states = self._load_resharded(folder)
             shards = [(s["image_queue"], s["text_queue"]) for s in states]
             state = states[self.info.rank] if self.info.rank < len(states) else states[0]
+            if written_on[1] != self.groups.tp:  # the per-TP-rank dropout stream keeps this run's seeding
+                state = {**state, "rng": {**state["rng"], "tensor_parallel": rng_tracker_state()}}
             how = "DeepSpeed universal checkpoint" if universal else \
                 f"{written_on[0]} data-parallel x {written_on[1]} tensor-parallel ranks"
             if self.info.is_main:
@@ -406,7 +409,7 @@ class Trainer:
         """A checkpoint written on other ranks, resharded onto this run's (brivl_ds/resilience/reshard.py)."""
         whole = None
         written_tp = 1 if (folder / "zero").is_dir() else checkpoint_world(folder)[1]
-        if self.groups.tp > 1 or written_tp > 1:
+        if self.groups.tp > 1 or written_tp > 1:  # TP-split parameters are merged and cut again
             with torch.device("meta"):  # shapes only: which parameters TP splits, and how
                 whole = build_brivl_moco(self.cfg.model, self.cfg.moco, len(self.tokenizer))
         resharder = Resharder(self.engine, self.groups, whole, self.cfg.parallel.vocab_parallel)

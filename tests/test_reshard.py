@@ -8,6 +8,7 @@
    run continued from the same state consolidated by DeepSpeed's universal converter, then goes back to 4 ranks.
 """
 import json
+import math
 import subprocess
 import sys
 
@@ -111,3 +112,39 @@ def _reshard_equals_deepspeed_load(rank, world, data, out_dir):
 
 def test_resharding_loader_equals_deepspeed_load_in_the_presets_recipe(shapes_data, tmp_path):
     run_distributed(_reshard_equals_deepspeed_load, 2, shapes_data, str(tmp_path))
+
+
+def test_resume_on_2_then_4_then_2_ranks_matches_deepspeeds_universal_checkpoint(shapes_data, tmp_path):
+    """2 ranks x 4 samples to step 2, resumed mid-epoch on 4 ranks x 2 (the same global batch) to step 4, then on
+    2 ranks again to step 6; the last leg equals a 2-rank run continued from DeepSpeed's universal checkpoint of the
+    same 4-rank state (its own converter reading the files), loss for loss, bit for bit."""
+    from conftest import deepspeed_train
+    from test_faults import records, settings
+
+    def leg(name, world, batch, stop, *extra):
+        out = tmp_path / name
+        log = deepspeed_train("tiny", settings(out, shapes_data, f"data.batch_size={batch}",
+                                               f"train.stop_at_step={stop}", "train.save_every=2", *extra), world)
+        return out, log
+
+    first, _ = leg("two", 2, 4, 2)
+    second, log = leg("four", 4, 2, 4, f"train.resume={first}/checkpoints/step2")
+    assert f"resharding {first}/checkpoints/step2 (2 data-parallel x 1 tensor-parallel ranks) onto 4 x 1" in log
+    third, log = leg("two-again", 2, 4, 6, f"train.resume={second}/checkpoints/step4")
+    assert "(4 data-parallel x 1 tensor-parallel ranks) onto 2 x 1" in log
+    universal = tmp_path / "universal" / "step4"
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(second / "checkpoints" / "step4"), "--output_folder", str(universal)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference, log = leg("reference", 2, 4, 6, f"train.resume={universal}")
+    assert "(DeepSpeed universal checkpoint) onto 2 x 1" in log
+    legs = [records(d) for d in (first, second, third)]
+    assert [[r["step"] for r in leg_records] for leg_records in legs] == [[1, 2], [3, 4], [5, 6]]
+    assert [r["loss"] for r in records(reference)] == [r["loss"] for r in legs[2]]
+    assert [r["grad_norm"] for r in records(reference)] == [r["grad_norm"] for r in legs[2]]
+    assert all(math.isfinite(r["loss"]) for leg_records in legs for r in leg_records[1:])
+    position = torch.load(third / "checkpoints" / "step6" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                          map_location="cpu", weights_only=False)["position"]
+    assert position["samples"] == 6 * 8 and position["data"]["batch_in_epoch"] == 6
+    assert [d["world"] for d in position["data"]["history"]] == [2, 4]  # the epoch was dealt three times

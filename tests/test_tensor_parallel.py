@@ -278,8 +278,8 @@ def assembled_queue(checkpoint: Path, key: str) -> torch.Tensor:
 def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, tmp_path):
     """`deepspeed --num_gpus 4 ... --set parallel.tensor_parallel=2` against `--num_gpus 2` (the same data-parallel
     layout, so the same batches), fp32: the same losses, gradient norms, queues and recall; then TP=2 resumes from
-    step N in a new process bit for bit."""
-    tp1, tp2, resumed = tmp_path / "tp1", tmp_path / "tp2", tmp_path / "resumed"
+    step N in a new process bit for bit, and TP=2's checkpoint resumes at TP=1 (resharded)."""
+    tp1, tp2, resumed, tp_to_1 = tmp_path / "tp1", tmp_path / "tp2", tmp_path / "resumed", tmp_path / "tp2-to-tp1"
     launch_tiny(tp1, shapes_data, 1)
     log = launch_tiny(tp2, shapes_data, 2, "parallel.vocab_parallel=true")
     assert f"eval @ step {2 * N}" in log
@@ -318,6 +318,14 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
     launch_tiny(resumed, shapes_data, 2, "parallel.vocab_parallel=true", f"train.resume={tp2}/checkpoints/step{N}")
     assert metric(resumed, "loss") == metric(tp2, "loss")[N:]
     assert metric(resumed, "grad_norm") == metric(tp2, "grad_norm")[N:]
+
+    # across TP sizes: TP=2's step-N checkpoint (vocab-parallel embedding too) resumed with TP=1 on the same 2
+    # data-parallel ranks follows TP=1's own run, as closely as TP=2 itself does
+    log = launch_tiny(tp_to_1, shapes_data, 1, f"train.resume={tp2}/checkpoints/step{N}")
+    assert "(2 data-parallel x 2 tensor-parallel ranks) onto 2 x 1" in log
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(metric(tp_to_1, key)), torch.tensor(metric(tp1, key)[N:]),
+                                   rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_sequence_parallel_is_refused_before_anything_starts():

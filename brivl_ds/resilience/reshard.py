@@ -161,18 +161,21 @@ class Resharder:
     def load(self, folder: Path) -> list[dict]:
         sources, old_dp, old_tp = self.sources(folder)
         tp, tp_rank = self.groups.tp, self.groups.tp_rank
-        layout = {}
-        if old_tp != tp or tp > 1:
+        # the embedding's split is a setting of each run: merge by the old one, cut by ours
+        old_vocab_parallel = sources[0].models[0]["config"]["parallel"]["vocab_parallel"]
+        same_split = old_tp == tp and (tp == 1 or old_vocab_parallel == self.vocab_parallel)
+        if not same_split:
             from brivl_ds.parallel.consolidate import merge_param, split_param, tp_layout
 
-            layout = tp_layout(self.whole_model_meta, vocab_parallel=self.vocab_parallel)
+            old_layout = tp_layout(self.whole_model_meta, vocab_parallel=old_vocab_parallel)
+            new_layout = tp_layout(self.whole_model_meta, vocab_parallel=self.vocab_parallel)
 
         def whole(read, name: str) -> torch.Tensor:
             """This TP rank's shard of parameter `name`, whole over DP (read(source, name) reads one TP shard)."""
-            if old_tp == tp:
+            if same_split:
                 return read(sources[tp_rank], name)
-            full = merge_param(layout.get(name), [read(s, name) for s in sources])
-            return split_param(layout.get(name), full, tp, tp_rank)
+            full = merge_param(old_layout.get(name), [read(s, name) for s in sources])
+            return split_param(new_layout.get(name), full, tp, tp_rank)
 
         optimizer = self.engine.optimizer
         dp_rank = dist.get_rank(optimizer.dp_process_group) if dist.is_initialized() else 0
