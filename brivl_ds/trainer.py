@@ -388,9 +388,8 @@ class Trainer:
             shards = gather_objects((state["image_queue"], state["text_queue"]))
             states = [state]
         else:
-            states = self._load_resharded(folder)
+            states, state = self._load_resharded(folder)
             shards = [(s["image_queue"], s["text_queue"]) for s in states]
-            state = states[self.info.rank] if self.info.rank < len(states) else states[0]
             if written_on[1] != self.groups.tp:  # the per-TP-rank dropout stream keeps this run's seeding
                 state = {**state, "rng": {**state["rng"], "tensor_parallel": rng_tracker_state()}}
             how = "DeepSpeed universal checkpoint" if universal else \
@@ -405,8 +404,9 @@ class Trainer:
             print(f"resumed from {folder} at step {self.pos.step}", flush=True)
         return True
 
-    def _load_resharded(self, folder: Path) -> list[dict]:
-        """A checkpoint written on other ranks, resharded onto this run's (brivl_ds/resilience/reshard.py)."""
+    def _load_resharded(self, folder: Path) -> tuple[list[dict], dict]:
+        """A checkpoint written on other ranks, resharded onto this run's (brivl_ds/resilience/reshard.py): every
+        old rank's client state, and the one at this rank's position."""
         whole = None
         written_tp = 1 if (folder / "zero").is_dir() else checkpoint_world(folder)[1]
         if self.groups.tp > 1 or written_tp > 1:  # TP-split parameters are merged and cut again
@@ -418,7 +418,7 @@ class Trainer:
             names = {p: n for n, p in self.engine.module.named_parameters()}
             self.momentum.load_state_dict({"master": resharder.momentum_masters(
                 [names[m] for _, m in self.momentum.pairs])})
-        return states
+        return states, resharder.own_client_state()
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

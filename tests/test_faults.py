@@ -127,3 +127,33 @@ def test_a_stalled_rank_is_named_and_the_job_stops(shapes_data, tmp_path):
     assert "ERROR: rank 1 stalled at step 3 in phase 'data'" in log
     assert code != 0 and "exits with return code = 86" in log
     assert seconds < 240
+
+
+def test_a_rank_killed_on_another_node_is_named_by_the_survivor(shapes_data, tmp_path):
+    """Two 'nodes' of one rank each, each started by DeepSpeed's per-node launcher (what `deepspeed --hostfile`
+    starts on every host through pdsh). Node 1's rank is killed mid-step; node 0's launcher is not told, so its
+    rank must find out by itself: it exits on its own, naming rank 1, within a bounded time."""
+    import base64
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, free_port
+
+    world_info = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode()).decode()
+    port = free_port()
+    args = [a for s in settings(tmp_path, shapes_data, "train.save_every=0", "drill.crash_at_step=3",
+                                "drill.crash_rank=1") for a in ("--set", s)]
+    start = time.monotonic()
+    nodes = [subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+                               f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "brivl_ds/train.py", "--preset", "tiny", *args], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) for n in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    seconds = time.monotonic() - start
+    assert "fault drill: rank 1 is killed (SIGKILL) in the middle of step 3" in logs[1]
+    assert nodes[1].returncode != 0 and nodes[0].returncode != 0
+    assert "ERROR on rank 0:" in logs[0] and "Diagnosis: rank 1 stopped responding" in logs[0], logs[0][-3000:]
+    assert seconds < 240

@@ -95,7 +95,7 @@ def _reshard_equals_deepspeed_load(rank, world, data, out_dir):
     assert expected["counters"][-1] == 3
     # the direct reader, forced: the same layout would take DeepSpeed's load
     direct = Trainer(_recipe(data, out_dir))
-    states = direct._load_resharded(folder)
+    states, _ = direct._load_resharded(folder)
     direct.image_queue.load_shards([s["image_queue"] for s in states])
     direct.text_queue.load_shards([s["text_queue"] for s in states])
     direct.pos = Position.from_dict(states[0]["position"])

@@ -181,10 +181,13 @@ class CheckpointStore:
             raise CheckpointSaveError(f"checkpoint {tag} failed verification after writing: {problems[0]}")
         write_atomically(partial / MANIFEST, json.dumps(manifest, indent=1))
         final = self.root / tag
-        if final.exists():  # a published checkpoint of the same step (an earlier attempt we fell back from)
-            shutil.rmtree(final)
+        replaced = self.root / (tag + ".replaced")
+        if final.exists():  # a published checkpoint of the same step (e.g. one we fell back from): moved aside
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
         os.rename(partial, final)
         _fsync_dir(self.root)
+        shutil.rmtree(replaced, ignore_errors=True)
         write_atomically(self.root / "latest", tag)
         self._apply_retention()
 
@@ -234,6 +237,8 @@ class CheckpointStore:
         return chosen
 
     def verify(self, tag: str) -> list[str]:
+        if tag.endswith(PARTIAL):
+            return [f"{self.root / tag} is a save that never finished"]
         manifest = read_manifest(self.root / tag)
         if manifest is None:
             return [] if (self.root / tag).is_dir() else [f"{self.root / tag} does not exist"]

@@ -214,6 +214,12 @@ class Resharder:
         self._sources = sources
         return [m for source in sources for m in source.models]
 
+    def own_client_state(self) -> dict:
+        """The client state of the old rank at this rank's (data-parallel, tensor-parallel) position, or of the
+        nearest one when the old world was smaller (its RNG states seed this rank's)."""
+        source = self._sources[min(self.groups.tp_rank, len(self._sources) - 1)]
+        return source.models[min(self.groups.dp_rank, len(source.models) - 1)]
+
     def momentum_masters(self, momentum_names: list[str]) -> list[torch.Tensor]:
         """This rank's pieces of the fp32 EMA copies (MomentumUpdater's order), from every old rank's pieces."""
         dp_rank = dist.get_rank(self.engine.optimizer.dp_process_group) if dist.is_initialized() else 0
