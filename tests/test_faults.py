@@ -120,7 +120,7 @@ def test_skipped_steps_failed_save_torn_checkpoint_crash_mid_step_and_consecutiv
 def test_a_stalled_rank_is_named_and_the_job_stops(shapes_data, tmp_path):
     code, log, seconds = deepspeed_launch("tiny", settings(tmp_path, shapes_data, "train.save_every=0",
                                                            "resilience.heartbeat_every=1",
-                                                           "resilience.hang_timeout_s=20",
+                                                           "resilience.hang_timeout_s=15",
                                                            "drill.stall_at_step=3", "drill.stall_rank=1"))
     assert "heartbeat @ step 1: 2 ranks alive; slowest rank" in log
     assert "fault drill: rank 1 stalls while waiting for the batch of step 3" in log
