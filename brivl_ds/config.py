@@ -190,6 +190,8 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps (0 = only at the end)."""
     eval_at_end: bool = True
+    save_eval_embeddings: bool = False
+    """Also write the held-out embeddings of each evaluation to <output_dir>/eval_embeddings.pt (row order)."""
     stop_at_step: int = -1
     """Checkpoint and exit after this step without changing the LR schedule (time-limited jobs, preemption
     drills); -1 = run to the end."""

@@ -1,6 +1,8 @@
 """Held-out retrieval: encode every pair with the online towers (sharded over ranks), then Recall@K."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -46,8 +48,11 @@ def encode(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: D
 
 
 def evaluate_retrieval(model: BriVL, dataset: PairDataset, collate, batch_size: int, info: DistInfo,
-                       dtype: torch.dtype, groups: ParallelGroups | None = None) -> dict[str, float]:
+                       dtype: torch.dtype, groups: ParallelGroups | None = None,
+                       embeddings_out: Path | None = None) -> dict[str, float]:
     image, text = encode(model, dataset, collate, batch_size, info, dtype, groups)
+    if embeddings_out is not None and info.is_main:  # row order, fp32: for analysis, and to check exports against
+        torch.save({"image": image.cpu(), "text": text.cpu()}, embeddings_out)
     result = recall_at_k(image.cpu(), text.cpu())
     result["skipped_rows"] = float(len(skipped_rows(dataset)))  # undecodable held-out rows, replaced (all ranks)
     return result

@@ -27,9 +27,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.print_config:
         print(cfg.to_json())
         return {}
+    import torch.distributed as dist
+
     from brivl_ds.trainer import Trainer
 
-    return Trainer(cfg).fit()
+    result = Trainer(cfg).fit()
+    if dist.is_initialized():  # an orderly teardown: communicator threads left to exit handlers can abort
+        dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":

@@ -176,6 +176,9 @@ class Trainer:
                                              torch.tensor(float(skipped_rows), device=loss.device),
                                              (~finite).float()]))
         nonfinite_here = stats[4].item() > 0
+        if not bool(finite):  # for the post-mortem: which rank, which rows (a poisoned sample is among them)
+            print(f"rank {self.info.rank}: non-finite loss or key at step {self.pos.step + 1}; rows of its batch: "
+                  f"{rows}", flush=True)
         self._bad_micro_steps += nonfinite_here
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
@@ -342,7 +345,8 @@ class Trainer:
         if self.eval_set is None:  # read the held-out shards once, on first use
             self.eval_set = build_eval_set(self.cfg, self.cfg.data.eval_path)
         result = evaluate_retrieval(self.model.online, self.eval_set, self.collate, self.cfg.data.batch_size,
-                                    self.info, self.dtype, self.groups)
+                                    self.info, self.dtype, self.groups,
+                                    self.out_dir / "eval_embeddings.pt" if self.cfg.train.save_eval_embeddings else None)
         self.last_eval, self.last_eval_step = result, self.pos.step
         if self.info.is_main:
             for key, value in result.items():

@@ -3,18 +3,24 @@
 One run's life, restarted as an on-call engineer would restart it:
   1. a NaN loss on rank 1 at step 4 and a poisoned sample at step 5: both steps skipped on every rank (no update,
      no EMA, no enqueue); then rank 0's save of step 6 fails (disk full): the run stops, step 5's checkpoint intact;
-  2. step 5's checkpoint is damaged by hand: the restart falls back to step 4; then rank 1 is killed mid-step;
+  2. step 5's checkpoint is damaged by hand: the restart falls back to step 4; then rank 1 is killed mid-step, on
+     another node (two per-node launchers): rank 0 names it and exits by itself;
   3. the restart resumes from step 5 (saved again in 2.), and stops after 3 consecutive non-finite steps; retention
      keeps one checkpoint plus the one it resumed from.
 And a stalled rank: the watchdog names it and stops the job.
 """
+import base64
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import deepspeed_launch
+from conftest import REPO, deepspeed_launch, free_port
 from test_presets_matrix import REDUCED
 
 pytestmark = pytest.mark.slow
@@ -62,6 +68,20 @@ def rows_of_step(data, step: int, rank: int) -> list[int]:
     return [int(r) for r in stream.epoch_batches()[step - 1]]
 
 
+def launch_as_two_nodes(args: list[str]) -> tuple[list[int], list[str], float]:
+    """Two 'nodes' of one rank each, each started by DeepSpeed's per-node launcher (what `deepspeed --hostfile`
+    starts on every host through pdsh): a node's launcher knows nothing of the other node's processes."""
+    world_info = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode()).decode()
+    port, start = free_port(), time.monotonic()
+    nodes = [subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+                               f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "brivl_ds/train.py", "--preset", "tiny", *[a for s in args for a in ("--set", s)]],
+                              cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) for n in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    return [node.returncode for node in nodes], logs, time.monotonic() - start
+
+
 def test_skipped_steps_failed_save_torn_checkpoint_crash_mid_step_and_consecutive_skips(shapes_data, tmp_path):
     ckpt = tmp_path / "checkpoints"
     poisoned = rows_of_step(shapes_data, 5, rank=0)[2]
@@ -71,6 +91,7 @@ def test_skipped_steps_failed_save_torn_checkpoint_crash_mid_step_and_consecutiv
     # 1. two skipped steps, then a failed save stops the run
     assert code != 0
     assert "fault drill: rank 1 makes its loss NaN at step 4" in log and f"poisons row {poisoned}" in log
+    assert f"rank 0: non-finite loss or key at step 5; rows of its batch: {rows_of_step(shapes_data, 5, 0)}" in log
     for step, count in ((4, 1), (5, 2)):
         assert f"step {step} skipped: non-finite loss, key or gradient norm (no update, no EMA, no enqueue; " \
                f"{step - 3} in a row, {count} in all)" in log
@@ -90,17 +111,19 @@ def test_skipped_steps_failed_save_torn_checkpoint_crash_mid_step_and_consecutiv
             assert torch.equal(states[before][key], states[after][key]), (before, after, key)
     assert all(torch.isfinite(t).all() for t in states[5].values())  # the queues were never poisoned
 
-    # 2. a damaged newest checkpoint: the restart falls back to the previous one; then a kill -9 mid-step
+    # 2. a damaged newest checkpoint: the restart falls back to the previous one; then rank 1, on another node,
+    # is killed mid-step: node 0's launcher is not told, so rank 0 must find out and name it by itself
     victim = ckpt / "step5" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     victim.write_bytes(victim.read_bytes()[:1000])
-    code, log, seconds = deepspeed_launch("tiny", settings(tmp_path, shapes_data, "resilience.keep_last=3",
-                                                           "drill.crash_at_step=6", "drill.crash_rank=1"))
+    codes, (log, log1), seconds = launch_as_two_nodes(settings(tmp_path, shapes_data, "resilience.keep_last=3",
+                                                               "drill.crash_at_step=6", "drill.crash_rank=1"))
     assert f"WARNING: checkpoint {ckpt}/step5 is incomplete or damaged (zero_pp_rank_1_mp_rank_00_optim_states" \
            ".pt has 1000 bytes" in log
     assert f"resumed from {ckpt}/step4 at step 4" in log
-    assert "fault drill: rank 1 is killed (SIGKILL) in the middle of step 6" in log
-    assert code != 0 and "exits with return code = -9" in log and "--local_rank=1" in log
-    assert seconds < 180  # the job ended, it did not hang
+    assert "fault drill: rank 1 is killed (SIGKILL) in the middle of step 6" in log1
+    assert codes[0] != 0 and codes[1] != 0
+    assert "ERROR on rank 0:" in log and "Diagnosis: rank 1 stopped responding" in log, log[-3000:]
+    assert seconds < 180  # the job ended by itself, it did not hang
     assert (ckpt / "latest").read_text().strip() == "step5"  # step 5 trained and saved again, verified
     retrained = checkpoint_state(ckpt / "step5")  # a step that is applied changes every kind of state compared
     for kind in ("fp32", "exp_avg", "exp_avg_sq", "momentum.", "image_queue", "text_queue"):
@@ -128,32 +151,3 @@ def test_a_stalled_rank_is_named_and_the_job_stops(shapes_data, tmp_path):
     assert code != 0 and "exits with return code = 86" in log
     assert seconds < 240
 
-
-def test_a_rank_killed_on_another_node_is_named_by_the_survivor(shapes_data, tmp_path):
-    """Two 'nodes' of one rank each, each started by DeepSpeed's per-node launcher (what `deepspeed --hostfile`
-    starts on every host through pdsh). Node 1's rank is killed mid-step; node 0's launcher is not told, so its
-    rank must find out by itself: it exits on its own, naming rank 1, within a bounded time."""
-    import base64
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO, free_port
-
-    world_info = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode()).decode()
-    port = free_port()
-    args = [a for s in settings(tmp_path, shapes_data, "train.save_every=0", "drill.crash_at_step=3",
-                                "drill.crash_rank=1") for a in ("--set", s)]
-    start = time.monotonic()
-    nodes = [subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
-                               f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                               "brivl_ds/train.py", "--preset", "tiny", *args], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) for n in (0, 1)]
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
-    seconds = time.monotonic() - start
-    assert "fault drill: rank 1 is killed (SIGKILL) in the middle of step 3" in logs[1]
-    assert nodes[1].returncode != 0 and nodes[0].returncode != 0
-    assert "ERROR on rank 0:" in logs[0] and "Diagnosis: rank 1 stopped responding" in logs[0], logs[0][-3000:]
-    assert seconds < 240

@@ -55,7 +55,7 @@ def converted(shapes_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(converted, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    log = launch(out, converted, "data.num_workers=2")
+    log = launch(out, converted, "data.num_workers=2", "train.save_eval_embeddings=true")
     return out, log
 
 
@@ -88,6 +88,52 @@ def test_eval_command_on_the_checkpoint_reproduces_the_run_eval(full_run, tmp_pa
     during = json.loads((out / "eval.json").read_text())
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "n"):
         assert offline[key] == pytest.approx(during[key]), key
+
+
+def test_exported_model_embeds_the_held_out_pairs_as_the_training_run_did(full_run, tmp_path):
+    """`python -m brivl_ds.export` on the run's ZeRO-3 checkpoint (2 ranks), then `brivl_ds.load_model` in this
+    process (no engine, no process group): the held-out embeddings from the raw image bytes, boxes and captions
+    equal those the run computed in its final evaluation; a bf16 export within bf16 rounding."""
+    import torch
+
+    import brivl_ds
+    from brivl_ds.data.shards import read_table
+
+    out, _ = full_run
+    proc = subprocess.run([sys.executable, "-m", "brivl_ds.export", "--checkpoint", str(out / "checkpoints"),
+                           "--out", str(tmp_path / "fp32")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "fp32").iterdir()) == [
+        "config.json", "export.json", "model.safetensors", "preprocess.json", "tokenizer"]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "fp32" / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith(("momentum.", "log_tau")) for k in f.keys())  # the online towers only
+    model = brivl_ds.load_model(tmp_path / "fp32")
+    provenance = json.loads((tmp_path / "fp32" / "export.json").read_text())
+    assert provenance["tag"] == "step6" and provenance["eval"]["n"] == 48
+    rows = read_table(converted_eval(out), columns=["image", "text", "boxes"]).to_pylist()
+    image = model.embed_images([r["image"] for r in rows], [r["boxes"] for r in rows])
+    text = model.embed_texts([r["text"] for r in rows])
+    during = torch.load(out / "eval_embeddings.pt")
+    torch.testing.assert_close(image, during["image"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(text, during["text"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(image.norm(dim=1), torch.ones(len(rows)))
+
+    from brivl_ds.export import export
+
+    half = brivl_ds.load_model(export(out / "checkpoints", tmp_path / "bf16", dtype="bf16"))
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.embed_texts([r["text"] for r in rows]), during["text"], rtol=0, atol=0.05)
+
+
+def converted_eval(out):
+    """The held-out shards the run evaluated on (its saved config)."""
+    import torch
+
+    state = torch.load(out / "checkpoints" / "step6" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)
+    return state["config"]["data"]["eval_path"]
 
 
 def test_restart_after_a_kill_mid_save_gives_the_same_losses(full_run, converted, tmp_path):

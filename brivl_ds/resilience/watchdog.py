@@ -48,12 +48,18 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
+        """Join the thread and close its store client before the interpreter exits: a C++ client torn down at
+        interpreter shutdown, under a live thread, aborts the process ('terminate called without an active
+        exception')."""
         self._stop.set()
         self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval + 5)
+        self._store = None
 
     @property
     def started(self) -> bool:
-        return self._store is not None
+        return self._thread.ident is not None
 
     def beat(self, step: int, phase: str) -> None:
         """The main thread reached `phase` of `step` (cheap: the thread publishes it)."""

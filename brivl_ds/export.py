@@ -1,0 +1,144 @@
+"""Export a trained BriVL out of its ZeRO-3 checkpoints into a self-describing folder, and load it back.
+
+  python -m brivl_ds.export --checkpoint runs/tiny/checkpoints [--tag step400] --out models/tiny [--dtype fp32|bf16]
+
+The folder (read by `brivl_ds.load_model`, with no DeepSpeed engine and no process group):
+  config.json        the run's model config (`Config.model`) and the vocabulary size
+  preprocess.json    what inputs must look like: image size, box layout (max boxes, grid fallback), text length
+  model.safetensors  the online towers' weights; momentum copies, queues and optimizer state are left out
+  tokenizer/         the Hugging Face tokenizer the run used
+  export.json        where it came from: checkpoint, tag, step, dtype, the run's last evaluation if any
+
+Checkpoints of any data-parallel and tensor-parallel size are read (parallel/consolidate.py).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from brivl_ds.config import Config, ModelConfig
+from brivl_ds.models.brivl import BriVL
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def export(checkpoint_dir: Path, out: Path, tag: str | None = None, dtype: str = "fp32") -> Path:
+    from safetensors.torch import save_file
+
+    from brivl_ds.eval import load_online_model
+
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    model, tokenizer, cfg = load_online_model(checkpoint_dir, tag)
+    tag = tag or (checkpoint_dir / "latest").read_text().strip()
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {name: t.detach().to(DTYPES[dtype]).contiguous() for name, t in model.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt", "dtype": dtype})
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    (out / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg.model),
+                                                 "vocab_size": len(tokenizer)}, indent=1, ensure_ascii=False))
+    (out / "preprocess.json").write_text(json.dumps(dataclasses.asdict(Preprocess.of(cfg)), indent=1))
+    run_eval = checkpoint_dir.parent / "eval.json"
+    (out / "export.json").write_text(json.dumps({
+        "checkpoint": str(checkpoint_dir.resolve()), "tag": tag, "dtype": dtype,
+        "eval": json.loads(run_eval.read_text()) if run_eval.exists() else None}, indent=1))
+    return out
+
+
+@dataclass
+class Preprocess:
+    """Inputs as the towers were trained on them (the evaluation transform: whole image resized, no augmentation)."""
+    image_size: int
+    max_boxes: int
+    grid_boxes: int
+    max_text_length: int
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Preprocess":
+        return cls(cfg.model.image.image_size, cfg.model.image.max_boxes, cfg.data.grid_boxes,
+                   cfg.model.text.max_length)
+
+
+@dataclass
+class ExportedModel:
+    towers: BriVL
+    tokenizer: object
+    preprocess: Preprocess
+    config: ModelConfig
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.towers.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.towers.parameters()).dtype
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm text embeddings [N, D] (fp32)."""
+        tokens = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.preprocess.max_text_length,
+                                return_tensors="pt")
+        return self.towers.text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)).float()
+
+    @torch.no_grad()
+    def embed_images(self, images: list[bytes], boxes: list | None = None) -> torch.Tensor:
+        """Unit-norm image embeddings [N, D] (fp32) of encoded images (JPEG, PNG...), with their detector boxes
+        (x1, y1, x2, y2 in the image's pixels) or, without, the configured fallback layout."""
+        from brivl_ds.config import AugmentConfig
+        from brivl_ds.data.transforms import PairTransform, normalize_images
+
+        p = self.preprocess
+        transform = PairTransform(AugmentConfig(), p.image_size, p.max_boxes, p.grid_boxes, train=False)
+        samples = [transform(data, (boxes[i] if boxes else None) or [], seed=0) for i, data in enumerate(images)]
+        pixels, box, mask = (torch.stack([s[k] for s in samples]).to(self.device) for k in range(3))
+        return self.towers.image(normalize_images(pixels, self.dtype), box, mask).float()
+
+
+def _model_config(saved: dict) -> ModelConfig:
+    from brivl_ds.eval import _fill
+
+    cfg = Config()
+    _fill(cfg.model, saved)
+    return cfg.model
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> ExportedModel:
+    """The exported towers in eval mode (weights in the exported dtype unless `dtype` is given), the tokenizer and
+    the preprocessing settings."""
+    from safetensors.torch import load_file
+
+    from brivl_ds.data.tokenizer import load_tokenizer
+
+    model_dir = Path(model_dir)
+    saved = json.loads((model_dir / "config.json").read_text())
+    config = _model_config(saved["model"])
+    config.image.pretrained_path = config.text.pretrained_path = None  # the weights below are the trained ones
+    towers = BriVL(config, vocab_size=saved["vocab_size"])
+    state = load_file(str(model_dir / "model.safetensors"))
+    towers.load_state_dict(state, strict=True)
+    exported_dtype = next(iter(state.values())).dtype
+    towers.to(device=device, dtype=dtype or exported_dtype).eval()
+    return ExportedModel(towers, load_tokenizer(str(model_dir / "tokenizer")),
+                         Preprocess(**json.loads((model_dir / "preprocess.json").read_text())), config)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="the checkpoints/ directory of a run")
+    parser.add_argument("--tag", help="checkpoint tag (default: latest)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    args = parser.parse_args(argv)
+    out = export(args.checkpoint, args.out, args.tag, args.dtype)
+    print(f"exported {args.checkpoint} to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
