@@ -33,6 +33,7 @@ setup(
         "megatron-core>=0.12",
         "pyarrow>=15",
         "tensorboard",
+        "safetensors",  # exported models (brivl_ds/export.py)
         "triton",
         "tqdm",
         "pillow",

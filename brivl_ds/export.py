@@ -85,18 +85,29 @@ class ExportedModel:
                                 return_tensors="pt")
         return self.towers.text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)).float()
 
-    @torch.no_grad()
-    def embed_images(self, images: list[bytes], boxes: list | None = None) -> torch.Tensor:
-        """Unit-norm image embeddings [N, D] (fp32) of encoded images (JPEG, PNG...), with their detector boxes
-        (x1, y1, x2, y2 in the image's pixels) or, without, the configured fallback layout."""
+    def prepare_image(self, data: bytes, boxes: list | None = None) -> tuple[torch.Tensor, ...]:
+        """One encoded image (JPEG, PNG...) as the towers take it: pixels, boxes (x1, y1, x2, y2 in the image's
+        pixels; None = the configured fallback layout) and box mask. Raises on an undecodable image."""
         from brivl_ds.config import AugmentConfig
-        from brivl_ds.data.transforms import PairTransform, normalize_images
+        from brivl_ds.data.transforms import PairTransform
 
         p = self.preprocess
         transform = PairTransform(AugmentConfig(), p.image_size, p.max_boxes, p.grid_boxes, train=False)
-        samples = [transform(data, (boxes[i] if boxes else None) or [], seed=0) for i, data in enumerate(images)]
-        pixels, box, mask = (torch.stack([s[k] for s in samples]).to(self.device) for k in range(3))
+        return transform(data, boxes or [], seed=0)
+
+    @torch.no_grad()
+    def embed_prepared(self, prepared: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """Unit-norm image embeddings [N, D] (fp32) of `prepare_image` outputs."""
+        from brivl_ds.data.transforms import normalize_images
+
+        pixels, box, mask = (torch.stack([s[k] for s in prepared]).to(self.device) for k in range(3))
         return self.towers.image(normalize_images(pixels, self.dtype), box, mask).float()
+
+    def embed_images(self, images: list[bytes], boxes: list | None = None) -> torch.Tensor:
+        """Unit-norm image embeddings [N, D] (fp32) of encoded images, with their detector boxes or, without,
+        the configured fallback layout."""
+        return self.embed_prepared([self.prepare_image(data, boxes[i] if boxes else None)
+                                    for i, data in enumerate(images)])
 
 
 def _model_config(saved: dict) -> ModelConfig:

@@ -90,27 +90,35 @@ def test_eval_command_on_the_checkpoint_reproduces_the_run_eval(full_run, tmp_pa
         assert offline[key] == pytest.approx(during[key]), key
 
 
-def test_exported_model_embeds_the_held_out_pairs_as_the_training_run_did(full_run, tmp_path):
-    """`python -m brivl_ds.export` on the run's ZeRO-3 checkpoint (2 ranks), then `brivl_ds.load_model` in this
-    process (no engine, no process group): the held-out embeddings from the raw image bytes, boxes and captions
-    equal those the run computed in its final evaluation; a bf16 export within bf16 rounding."""
+@pytest.fixture(scope="module")
+def exported(full_run, tmp_path_factory):
+    """`python -m brivl_ds.export` on the quick start's ZeRO-3 checkpoint (2 ranks)."""
+    out, _ = full_run
+    folder = tmp_path_factory.mktemp("exported") / "fp32"
+    proc = subprocess.run([sys.executable, "-m", "brivl_ds.export", "--checkpoint", str(out / "checkpoints"),
+                           "--out", str(folder)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
+def test_exported_model_embeds_the_held_out_pairs_as_the_training_run_did(full_run, exported):
+    """`brivl_ds.load_model` of the export in this process (no engine, no process group): the held-out embeddings
+    from the raw image bytes, boxes and captions equal those the run computed in its final evaluation; a bf16
+    export within bf16 rounding."""
     import torch
+    from safetensors import safe_open
 
     import brivl_ds
     from brivl_ds.data.shards import read_table
+    from brivl_ds.export import export
 
     out, _ = full_run
-    proc = subprocess.run([sys.executable, "-m", "brivl_ds.export", "--checkpoint", str(out / "checkpoints"),
-                           "--out", str(tmp_path / "fp32")], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "fp32").iterdir()) == [
+    assert sorted(p.name for p in exported.iterdir()) == [
         "config.json", "export.json", "model.safetensors", "preprocess.json", "tokenizer"]
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "fp32" / "model.safetensors"), "pt") as f:
+    with safe_open(str(exported / "model.safetensors"), "pt") as f:
         assert not any(k.startswith(("momentum.", "log_tau")) for k in f.keys())  # the online towers only
-    model = brivl_ds.load_model(tmp_path / "fp32")
-    provenance = json.loads((tmp_path / "fp32" / "export.json").read_text())
+    model = brivl_ds.load_model(exported)
+    provenance = json.loads((exported / "export.json").read_text())
     assert provenance["tag"] == "step6" and provenance["eval"]["n"] == 48
     rows = read_table(converted_eval(out), columns=["image", "text", "boxes"]).to_pylist()
     image = model.embed_images([r["image"] for r in rows], [r["boxes"] for r in rows])
@@ -119,12 +127,59 @@ def test_exported_model_embeds_the_held_out_pairs_as_the_training_run_did(full_r
     torch.testing.assert_close(image, during["image"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(text, during["text"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(image.norm(dim=1), torch.ones(len(rows)))
-
-    from brivl_ds.export import export
-
-    half = brivl_ds.load_model(export(out / "checkpoints", tmp_path / "bf16", dtype="bf16"))
+    half = brivl_ds.load_model(export(out / "checkpoints", exported.parent / "bf16", dtype="bf16"))
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.embed_texts([r["text"] for r in rows]), during["text"], rtol=0, atol=0.05)
+
+
+def test_embed_command_writes_resumable_sharded_embeddings(full_run, exported, tmp_path, monkeypatch, capsys):
+    """The embed command (its main, in this process) over the held-out shards as two launcher ranks (RANK /
+    WORLD_SIZE), 20 rows per shard: fp16 embeddings equal to the run's own, ids beside them; a restart redoes only
+    a missing shard; a text file and an image directory (no boxes: the fallback layout; one undecodable file
+    skipped and counted)."""
+    import numpy as np
+    import torch
+
+    from brivl_ds.data.shards import read_table
+    from brivl_ds.embed import load_embeddings, main as embed
+
+    out, _ = full_run
+    emb = tmp_path / "emb"
+    args = ["--model", str(exported), "--shards", str(converted_eval(out)), "--out", str(emb), "--rows-per-shard",
+            "20", "--batch-size", "8", "--no-progress"]
+
+    def run(rank, world, *extra):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        embed(list(extra))
+        return capsys.readouterr().out
+
+    run(0, 2, *args)
+    run(1, 2, *args)
+    during = torch.load(out / "eval_embeddings.pt")
+    for modality in ("image", "text"):
+        values, ids = load_embeddings(emb, modality)
+        assert values.dtype == np.float16 and ids.column("row").to_pylist() == list(range(48))
+        torch.testing.assert_close(torch.from_numpy(values).float(), during[modality], rtol=0, atol=2e-3)
+    assert ids.column("id").to_pylist() == read_table(converted_eval(out), columns=["id"]).column("id").to_pylist()
+    (emb / "ids" / "part-00002.parquet").unlink()  # rank 0 holds shards 0 and 2: only 2 is redone
+    assert "rank 0: 1 of its 2 shards are finished already" in run(0, 2, *args)
+    assert load_embeddings(emb, "text")[0].shape == (48, during["text"].shape[1])
+
+    rows = read_table(converted_eval(out), columns=["image", "text"]).to_pylist()[:5]
+    (tmp_path / "texts.txt").write_text("\n".join(r["text"] for r in rows), encoding="utf-8")
+    run(0, 1, "--model", str(exported), "--texts", str(tmp_path / "texts.txt"), "--out", str(tmp_path / "t"))
+    torch.testing.assert_close(torch.from_numpy(load_embeddings(tmp_path / "t", "text")[0]).float(),
+                               during["text"][:5], rtol=0, atol=2e-3)
+    (tmp_path / "img").mkdir()
+    for i, r in enumerate(rows):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(r["image"])
+    (tmp_path / "img" / "9-broken.jpg").write_bytes(rows[0]["image"][:100])
+    run(0, 1, "--model", str(exported), "--images", str(tmp_path / "img"), "--out", str(tmp_path / "i"))
+    values, ids = load_embeddings(tmp_path / "i", "image")
+    assert ids.column("id").to_pylist() == [f"{i}.jpg" for i in range(5)] and values.shape[0] == 5
+    assert json.loads((tmp_path / "i" / "embed.json").read_text())["skipped"] == {"part-00000": 1}
+    np.testing.assert_allclose(np.linalg.norm(values.astype(np.float32), axis=1), 1.0, atol=2e-3)
 
 
 def converted_eval(out):
