@@ -230,6 +230,9 @@ class CheckpointStore:
                       "trying the previous one", flush=True)
         else:
             chosen = None
+        if chosen is None and candidates:  # never restart a long run from scratch behind the operator's back
+            raise RuntimeError(f"no complete checkpoint in {self.root}: every one of {candidates} failed "
+                               "verification (warnings above). Restore one, or set train.resume=none to start over.")
         if rank == 0:
             for stale in self.root.glob("*" + PARTIAL):
                 print(f"removing {stale}: a save that never finished", flush=True)

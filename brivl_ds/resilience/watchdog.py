@@ -89,10 +89,9 @@ class Watchdog:
     def records(self) -> dict[int, dict | None]:
         out: dict[int, dict | None] = {}
         for rank in range(self.world):
-            try:
-                out[rank] = json.loads(self._store.get(f"brivl/heartbeat/{rank}"))
-            except Exception:
-                out[rank] = None
+            key = f"brivl/heartbeat/{rank}"
+            # check first: get() would block until the key appears (a rank that never published)
+            out[rank] = json.loads(self._store.get(key)) if self._store.check([key]) else None
         return out
 
     def diagnose(self, settle: bool = False) -> str:
