@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_distributed
+from conftest import run_distributed
 from test_zero3 import make_config, write_atomically
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def _state(trainer) -> dict[str, torch.Tensor]:
     """Everything a resume restores on this rank, as named tensors (ZeRO-3's padding at a partition's end left
     out: it holds no value)."""
     engine, opt = trainer.engine, trainer.engine.optimizer
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
     names = {p: n for n, p in engine.module.named_parameters()}
     valid = {p: max(0, min(p.partition_numel(), p.ds_numel - rank * p.partition_numel())) for p in names}
     out = {}

@@ -692,8 +692,8 @@ def prepare_out(opts: Options) -> dict:
                                f"Use an empty --out.")
     else:
         _write_json(out / SETTINGS, settings)
-    for partial in out.glob("*.tmp"):
-        partial.unlink()
+    for leftover in out.glob("*.tmp"):
+        leftover.unlink()
     (out / MANIFEST).unlink(missing_ok=True)
     return settings
 

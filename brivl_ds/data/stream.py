@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from brivl_ds.data import plan
