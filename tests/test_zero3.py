@@ -196,10 +196,24 @@ def _bf16_worker(rank, world, data, out_dir, recipe):
             torch.testing.assert_close(now, m * prev + (1 - m) * theta, rtol=1e-6, atol=1e-7)
             assert torch.equal(low, now.bfloat16())  # the bf16 shard is the rounded fp32 EMA
 
+    # a NaN loss on rank 1 (the fault drill) in this recipe: skipped on both ranks, nothing changes
+    trainer.drills.cfg.nonfinite_loss_at_step, trainer.drills.cfg.nonfinite_loss_rank = trainer.pos.step + 1, 1
+    opt = trainer.engine.optimizer
+    before = [t.clone() for t in (*opt.fp32_partitioned_groups_flat, *ema.master, trainer.image_queue.keys)]
+    moments = [opt.optimizer.state[f][k].clone() for f in opt.fp32_partitioned_groups_flat
+               for k in ("exp_avg", "exp_avg_sq")]
+    skipped_before, lr_before = trainer.engine.skipped_steps, trainer.scheduler.get_last_lr()
+    assert trainer.train_step(next(iter(loader))[0])["applied"] is False
+    after = [*opt.fp32_partitioned_groups_flat, *ema.master, trainer.image_queue.keys]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(a, opt.optimizer.state[f][k]) for a, (f, k) in zip(
+        moments, [(f, k) for f in opt.fp32_partitioned_groups_flat for k in ("exp_avg", "exp_avg_sq")]))
+    assert trainer.engine.skipped_steps == skipped_before + 1 and trainer.scheduler.get_last_lr() == lr_before
+
 
 @pytest.mark.parametrize("recipe", ["adamw_half", "deepspeed_bf16_states"])
 def test_bf16_run_keeps_fp32_momentum_shards(recipe, shapes_data, tmp_path):
     """bf16 (the base and paper presets): the EMA runs on fp32 copies of each rank's momentum shards, computed from
     the optimizer's master partition (fp32, or bf16 with DeepSpeed's bf16 master weights), and the bf16 shards the
-    forward uses are their rounding."""
+    forward uses are their rounding; a step with a non-finite loss on one rank changes none of it."""
     run_distributed(_bf16_worker, WORLD, shapes_data, str(tmp_path), recipe)
