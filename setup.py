@@ -38,6 +38,12 @@ setup(
         "tqdm",
         "pillow",
         "numpy",
+        # after training (brivl_ds.zeroshot / index / serve)
+        "matplotlib",  # the zero-shot confusion matrix picture
+        "faiss-cpu",  # vector index (a faiss-gpu build can replace it)
+        "fastapi",
+        "uvicorn",
+        "prometheus-client",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "httpx"]},
 )

@@ -28,24 +28,31 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def export(checkpoint_dir: Path, out: Path, tag: str | None = None, dtype: str = "fp32") -> Path:
-    from safetensors.torch import save_file
-
     from brivl_ds.eval import load_online_model
 
-    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    checkpoint_dir = Path(checkpoint_dir)
     model, tokenizer, cfg = load_online_model(checkpoint_dir, tag)
     tag = tag or (checkpoint_dir / "latest").read_text().strip()
+    run_eval = checkpoint_dir.parent / "eval.json"
+    return save_exported(model, tokenizer, cfg, out, dtype, provenance={
+        "checkpoint": str(checkpoint_dir.resolve()), "tag": tag,
+        "eval": json.loads(run_eval.read_text()) if run_eval.exists() else None})
+
+
+def save_exported(towers: BriVL, tokenizer, cfg: Config, out: Path, dtype: str = "fp32",
+                  provenance: dict | None = None) -> Path:
+    """Write the folder `load_model` reads from built towers (`export` does this for a checkpoint)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = {name: t.detach().to(DTYPES[dtype]).contiguous() for name, t in model.state_dict().items()}
+    weights = {name: t.detach().to(DTYPES[dtype]).contiguous() for name, t in towers.state_dict().items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt", "dtype": dtype})
     tokenizer.save_pretrained(str(out / "tokenizer"))
     (out / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg.model),
                                                  "vocab_size": len(tokenizer)}, indent=1, ensure_ascii=False))
     (out / "preprocess.json").write_text(json.dumps(dataclasses.asdict(Preprocess.of(cfg)), indent=1))
-    run_eval = checkpoint_dir.parent / "eval.json"
-    (out / "export.json").write_text(json.dumps({
-        "checkpoint": str(checkpoint_dir.resolve()), "tag": tag, "dtype": dtype,
-        "eval": json.loads(run_eval.read_text()) if run_eval.exists() else None}, indent=1))
+    (out / "export.json").write_text(json.dumps({**(provenance or {}), "dtype": dtype}, indent=1))
     return out
 
 

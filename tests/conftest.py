@@ -74,3 +74,23 @@ def shapes_data(tmp_path_factory) -> dict[str, Path]:
     from brivl_ds.data.synthetic import ensure_shapes_dataset
 
     return ensure_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=256, n_eval=48, image_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(shapes_data, tmp_path_factory) -> Path:
+    """An exported model folder (brivl_ds.export's layout, read by brivl_ds.load_model) of the reduced `tiny`
+    preset with seeded random weights and the shapes tokenizer: for the consumers of exported models (zero-shot,
+    index, service) that need the real towers but not trained ones. The quick start's trained export is in
+    test_quickstart.py."""
+    import torch
+
+    from brivl_ds.config import build_config
+    from brivl_ds.data.tokenizer import load_tokenizer
+    from brivl_ds.export import save_exported
+    from brivl_ds.models.brivl import BriVL
+
+    cfg = build_config("tiny", ["model.image.image_size=64", f"model.text.tokenizer_path={shapes_data['tokenizer']}"])
+    tokenizer = load_tokenizer(str(shapes_data["tokenizer"]))
+    torch.manual_seed(0)
+    towers = BriVL(cfg.model, vocab_size=len(tokenizer)).eval()
+    return save_exported(towers, tokenizer, cfg, tmp_path_factory.mktemp("tiny_model"), provenance={"seed": 0})
