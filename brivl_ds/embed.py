@@ -7,7 +7,8 @@
 Output, in shards of --rows-per-shard input rows (shard k holds input rows [k R, (k + 1) R)):
   EMB_DIR/image/part-00000.npy   float16 [n, D], unit-norm rows (and/or text/part-00000.npy)
   EMB_DIR/ids/part-00000.parquet the row of each embedding: `row` (input row number) and `id`
-  EMB_DIR/embed.json             model, modality, dimension, rows embedded and skipped (rewritten per shard)
+  EMB_DIR/embed.json             model, modality, dimension, rows embedded and skipped, and the source (its kind
+                                 and absolute path: brivl_ds.index reads the corpus payload back from it)
 
 Resumable: a shard is written under temporary names and committed by renaming its ids file last, so a restart
 skips the shards that are finished and redoes the rest. Under a launcher (`deepspeed --num_gpus 8 --module
@@ -120,8 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
     todo = [k for k in mine if not shard_done(args.out, k)]
     if len(todo) < len(mine):
         print(f"rank {rank}: {len(mine) - len(todo)} of its {len(mine)} shards are finished already", flush=True)
+    kind = next(k for k in ("shards", "images", "texts") if getattr(args, k))
     report = {"model": str(args.model.resolve()), "modalities": modalities, "dim": model.config.embed_dim,
-              "dtype": "float16", "rows": len(ids), "shards": len(shards), "skipped": {}}
+              "dtype": "float16", "rows": len(ids), "shards": len(shards), "skipped": {},
+              "source": {"kind": kind, "path": str(Path(getattr(args, kind)).resolve())}}
     for k in tqdm(todo, desc=f"embed (rank {rank})", disable=args.no_progress):
         rows = range(k * args.rows_per_shard, min((k + 1) * args.rows_per_shard, len(ids)))
         arrays, keep, skipped = embed_shard(model, rows, ids, images, texts, boxes, args.batch_size)
