@@ -33,6 +33,9 @@ def _worker(rank: int, world: int, port: int, fn, args) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    from brivl_ds.train import exit_without_finalization
+
+    exit_without_finalization(0)  # a ZeRO-3 engine's gloo threads can abort finalization (see there)
 
 
 def run_distributed(fn, world: int, *args) -> None:
