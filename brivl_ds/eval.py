@@ -21,6 +21,13 @@ from brivl_ds.metrics import recall_at_k
 
 def load_online_model(checkpoint_dir: Path, tag: str | None):
     """Rebuild the trained online towers from a DeepSpeed ZeRO-3 checkpoint in this single process."""
+    model, tokenizer, cfg = load_moco_model(checkpoint_dir, tag)
+    return model.online.eval(), tokenizer, cfg
+
+
+def load_moco_model(checkpoint_dir: Path, tag: str | None):
+    """The trained BriVLMoCo (online towers and temperature; momentum towers as built, not loaded), its tokenizer
+    and config, from a DeepSpeed ZeRO-3 checkpoint in this single process."""
     from brivl_ds.checkpoint import latest_tag
     from brivl_ds.config import Config, build_config
     from brivl_ds.data.tokenizer import load_tokenizer
@@ -45,7 +52,7 @@ def load_online_model(checkpoint_dir: Path, tag: str | None):
     missing = [k for k in missing if not k.startswith("momentum.")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.online.eval(), tokenizer, cfg
+    return model, tokenizer, cfg
 
 
 def _fill(node, values: dict) -> None:

@@ -7,7 +7,8 @@ The folder (read by `brivl_ds.load_model`, with no DeepSpeed engine and no proce
   preprocess.json    what inputs must look like: image size, box layout (max boxes, grid fallback), text length
   model.safetensors  the online towers' weights; momentum copies, queues and optimizer state are left out
   tokenizer/         the Hugging Face tokenizer the run used
-  export.json        where it came from: checkpoint, tag, step, dtype, the run's last evaluation if any
+  export.json        where it came from: checkpoint, tag, dtype, the run's last evaluation if any, and the trained
+                     temperature `tau` (the service's match probabilities are softmax(scores / tau))
 
 Checkpoints of any data-parallel and tensor-parallel size are read (parallel/consolidate.py).
 """
@@ -28,14 +29,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def export(checkpoint_dir: Path, out: Path, tag: str | None = None, dtype: str = "fp32") -> Path:
-    from brivl_ds.eval import load_online_model
+    from brivl_ds.eval import load_moco_model
 
     checkpoint_dir = Path(checkpoint_dir)
-    model, tokenizer, cfg = load_online_model(checkpoint_dir, tag)
+    moco, tokenizer, cfg = load_moco_model(checkpoint_dir, tag)
     tag = tag or (checkpoint_dir / "latest").read_text().strip()
     run_eval = checkpoint_dir.parent / "eval.json"
-    return save_exported(model, tokenizer, cfg, out, dtype, provenance={
-        "checkpoint": str(checkpoint_dir.resolve()), "tag": tag,
+    return save_exported(moco.online, tokenizer, cfg, out, dtype, provenance={
+        "checkpoint": str(checkpoint_dir.resolve()), "tag": tag, "tau": float(moco.tau()),
         "eval": json.loads(run_eval.read_text()) if run_eval.exists() else None})
 
 
@@ -52,7 +53,9 @@ def save_exported(towers: BriVL, tokenizer, cfg: Config, out: Path, dtype: str =
     (out / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg.model),
                                                  "vocab_size": len(tokenizer)}, indent=1, ensure_ascii=False))
     (out / "preprocess.json").write_text(json.dumps(dataclasses.asdict(Preprocess.of(cfg)), indent=1))
-    (out / "export.json").write_text(json.dumps({**(provenance or {}), "dtype": dtype}, indent=1))
+    # the temperature the towers were trained with (the initial one for towers that were not trained)
+    (out / "export.json").write_text(json.dumps({"tau": cfg.moco.tau_init, **(provenance or {}), "dtype": dtype},
+                                                indent=1))
     return out
 
 
@@ -76,6 +79,7 @@ class ExportedModel:
     tokenizer: object
     preprocess: Preprocess
     config: ModelConfig
+    tau: float = 0.07  # the trained temperature: match probabilities are softmax(scores / tau)
 
     @property
     def device(self) -> torch.device:
@@ -142,8 +146,10 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     towers.load_state_dict(state, strict=True)
     exported_dtype = next(iter(state.values())).dtype
     towers.to(device=device, dtype=dtype or exported_dtype).eval()
+    provenance = json.loads((model_dir / "export.json").read_text())
     return ExportedModel(towers, load_tokenizer(str(model_dir / "tokenizer")),
-                         Preprocess(**json.loads((model_dir / "preprocess.json").read_text())), config)
+                         Preprocess(**json.loads((model_dir / "preprocess.json").read_text())), config,
+                         tau=provenance.get("tau", ExportedModel.tau))
 
 
 def main(argv: list[str] | None = None) -> Path:
