@@ -36,7 +36,7 @@ def export(checkpoint_dir: Path, out: Path, tag: str | None = None, dtype: str =
     tag = tag or (checkpoint_dir / "latest").read_text().strip()
     run_eval = checkpoint_dir.parent / "eval.json"
     return save_exported(moco.online, tokenizer, cfg, out, dtype, provenance={
-        "checkpoint": str(checkpoint_dir.resolve()), "tag": tag, "tau": float(moco.tau()),
+        "checkpoint": str(checkpoint_dir.resolve()), "tag": tag, "tau": float(moco.tau().detach()),
         "eval": json.loads(run_eval.read_text()) if run_eval.exists() else None})
 
 

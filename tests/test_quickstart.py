@@ -182,6 +182,45 @@ def test_embed_command_writes_resumable_sharded_embeddings(full_run, exported, t
     np.testing.assert_allclose(np.linalg.norm(values.astype(np.float32), axis=1), 1.0, atol=2e-3)
 
 
+def test_after_training_readme_flow_zero_shot_index_and_search(full_run, exported, tmp_path):
+    """The README's "Using a trained model" commands on the quick start's export (their mains, in this process):
+    the trained temperature travels with the export, zero-shot classification by background colour with the
+    built-in templates, the held-out captions embedded and indexed, and a picture's MatchSoul search whose hits
+    are the exact top k of the indexed captions."""
+    import numpy as np
+
+    import brivl_ds
+    from brivl_ds.data.shards import read_table
+    from brivl_ds.embed import load_embeddings, main as embed
+    from brivl_ds.index import VectorIndex, main as index
+    from brivl_ds.zeroshot import main as zeroshot
+
+    out, _ = full_run
+    eval_shards = converted_eval(out)
+    tau = json.loads((exported / "export.json").read_text())["tau"]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["tau"]
+    assert tau == pytest.approx(last, rel=0.05) and brivl_ds.load_model(exported).tau == tau  # one more step after
+
+    counts = zeroshot(["make-shapes", "--shards", eval_shards, "--out", str(tmp_path / "bench")])
+    assert sum(counts.values()) == 48
+    result = zeroshot(["--model", str(exported), "--data", str(tmp_path / "bench"), "--classes",
+                       str(tmp_path / "bench" / "classes.txt"), "--out", str(tmp_path / "zs"), "--no-progress"])
+    assert result["n"] == 48 and result["skipped"] == 0 and 0 <= result["metrics"]["acc1"] <= 1
+    assert (tmp_path / "zs" / "confusion.png").stat().st_size > 0
+
+    embed(["--model", str(exported), "--shards", eval_shards, "--out", str(tmp_path / "emb"), "--no-progress"])
+    index(["--emb", str(tmp_path / "emb"), "--modality", "text", "--out", str(tmp_path / "index")])
+    corpus = VectorIndex.load(tmp_path / "index")
+    model = brivl_ds.load_model(exported)
+    picture = read_table(eval_shards, columns=["image"]).column("image")[0].as_py()
+    hits = corpus.search(model.embed_images([picture]).numpy(), 5)[0]
+    vectors, ids = load_embeddings(tmp_path / "emb", "text")
+    exact = vectors.astype(np.float64) @ model.embed_images([picture])[0].double().numpy()
+    np.testing.assert_allclose([h.score for h in hits], np.sort(exact)[::-1][:5], atol=1e-5)
+    captions = dict(zip(ids.column("id").to_pylist(), read_table(eval_shards, columns=["text"]).column("text").to_pylist()))
+    assert all(h.text == captions[h.id] for h in hits)
+
+
 def converted_eval(out):
     """The held-out shards the run evaluated on (its saved config)."""
     import torch
