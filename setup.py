@@ -21,6 +21,7 @@ setup(
         "brivl_ds.parallel",
         "brivl_ds.memory",
         "brivl_ds.resilience",
+        "brivl_ds.serving",
         "brivl_kernels",
     ],
     package_dir={"brivl_kernels": "kernels"},

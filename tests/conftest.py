@@ -67,6 +67,17 @@ def deepspeed_train(preset: str, settings: list[str], world: int = 2, timeout: i
     return output
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Small batches: one intra-op thread avoids spin contention on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def official_fixture() -> Path:
     return FIXTURES

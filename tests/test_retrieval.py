@@ -8,14 +8,7 @@ import torch
 
 from brivl_ds.retrieval import main, read_caption_shards, retrieval_metrics
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Small batches: one intra-op thread avoids spin contention on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # small batches (conftest.py)
 
 
 def brute_force(image: np.ndarray, text: np.ndarray, text_image: list[int], ks) -> dict[str, float]:

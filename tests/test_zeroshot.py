@@ -6,20 +6,12 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from brivl_ds.data.shards import read_table
 from brivl_ds.data.synthetic import BACKGROUNDS, COLOURS
 from brivl_ds.zeroshot import ZH_TEMPLATES, class_embeddings, load_templates, main, make_shapes_benchmark
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Small batches: one intra-op thread avoids spin contention on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # small batches (conftest.py)
 
 
 @pytest.fixture(scope="module")
