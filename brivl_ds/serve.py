@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=batching.max_batch, help="items per model call")
     parser.add_argument("--batch-window-ms", type=float, default=batching.window_s * 1e3,
                         help="how long a request waits for others to share its batch")
+    parser.add_argument("--max-waiting", type=int, default=batching.max_waiting,
+                        help="items waiting for the model beyond which requests get a 503")
     parser.add_argument("--max-items", type=int, default=limits.max_items, help="inputs per request")
     parser.add_argument("--max-image-bytes", type=int, default=limits.max_image_bytes)
     parser.add_argument("--max-pixels", type=int, default=limits.max_pixels)
@@ -58,7 +60,7 @@ def build_app(args: argparse.Namespace):
         indexes[index.modality] = index
     config = ServeConfig(
         batching=BatchingConfig(enabled=not args.no_batching, max_batch=args.max_batch,
-                                window_s=args.batch_window_ms / 1e3),
+                                window_s=args.batch_window_ms / 1e3, max_waiting=args.max_waiting),
         limits=InputLimits(max_items=args.max_items, max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels,
                            max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes, max_k=args.max_k),
         model_name=args.model.resolve().name)

@@ -8,7 +8,7 @@
                        modality (MatchSoul: the sentences that fit a picture; or pictures for a sentence)
   GET  /healthz        the process answers;  GET /readyz: the model is loaded and warmed up (503 before)
   GET  /metrics        Prometheus: requests and latency by endpoint and status, batch sizes and model time by
-                       modality, refusals by reason, requests waiting
+                       modality, refusals by reason, inputs waiting
 
 Images are checked (inputs.py) and decoded in the request's worker thread; the model runs micro-batched
 (batcher.py), one batch at a time. A bad input is answered with a 4xx and a message, and the service goes on.
@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.exceptions import HTTPException
 
-from brivl_ds.serving.batcher import BatchingConfig, MicroBatcher
+from brivl_ds.serving.batcher import BatchingConfig, MicroBatcher, Overloaded
 from brivl_ds.serving.inputs import BadInput, InputLimits, check_texts, decode_image
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -98,7 +98,7 @@ class ServiceMetrics:
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
         self.refused = Counter("brivl_refused", "inputs refused with a 4xx, by reason", ["reason"],
                                registry=self.registry)
-        self.waiting = Gauge("brivl_waiting_requests", "requests waiting for the model", ["modality"],
+        self.waiting = Gauge("brivl_waiting_items", "inputs waiting for the model", ["modality"],
                              registry=self.registry)
 
 
@@ -282,6 +282,11 @@ def create_app(model, indexes: dict | None = None, config: ServeConfig = ServeCo
         metrics.refused.labels(err.reason).inc()
         return _error(err.status, str(err), "invalid_request_error", err.reason)
 
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, err: Overloaded):
+        metrics.refused.labels("overloaded").inc()
+        return _error(503, str(err), "overloaded", "overloaded")
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError):
         metrics.refused.labels("invalid_request").inc()
@@ -317,7 +322,8 @@ def create_app(model, indexes: dict | None = None, config: ServeConfig = ServeCo
         body = {"ready": service.ready, "model": config.model_name, "dim": model.config.embed_dim,
                 "indexes": {m: len(i) for m, i in service.indexes.items()},
                 "batching": {"enabled": config.batching.enabled, "max_batch": config.batching.max_batch,
-                             "window_ms": config.batching.window_s * 1e3}}
+                             "window_ms": config.batching.window_s * 1e3,
+                             "max_waiting": config.batching.max_waiting}}
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
     @app.get("/metrics")

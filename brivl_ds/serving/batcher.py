@@ -21,6 +21,7 @@ class BatchingConfig:
     enabled: bool = True
     max_batch: int = 32  # items per model call
     window_s: float = 0.005  # how long the first waiting request waits for company
+    max_waiting: int = 1024  # items waiting beyond this are refused (503): shed load rather than queue without end
 
 
 @dataclass
@@ -28,6 +29,10 @@ class _Request:
     items: Sequence
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
+
+
+class Overloaded(RuntimeError):
+    """More items wait than `max_waiting`: the caller should answer 503 and the client retry later."""
 
 
 class MicroBatcher:
@@ -39,6 +44,7 @@ class MicroBatcher:
         self.on_batch = on_batch  # (items, seconds) of each model call, for the metrics
         self._queue: asyncio.Queue[_Request] | None = None
         self._task: asyncio.Task | None = None
+        self._waiting_items = 0
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -51,10 +57,15 @@ class MicroBatcher:
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize() if self._queue else 0
+        """Items queued and not yet taken into a batch."""
+        return self._waiting_items
 
     async def submit(self, items: Sequence) -> torch.Tensor:
+        if self._waiting_items + len(items) > self.config.max_waiting:
+            raise Overloaded(f"{self._waiting_items} items are waiting for the model (limit "
+                             f"{self.config.max_waiting}): retry later")
         request = _Request(items, asyncio.get_running_loop().create_future())
+        self._waiting_items += len(items)
         await self._queue.put(request)
         return await request.future
 
@@ -94,6 +105,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
+            self._waiting_items -= sum(len(r.items) for r in batch)
             batch = [r for r in batch if not r.future.cancelled()]  # the client went away while it waited
             if not batch:
                 continue
