@@ -16,6 +16,7 @@ Images are checked (inputs.py) and decoded in the request's worker thread; the m
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.exceptions import HTTPException
@@ -126,7 +128,11 @@ class Service:
             batcher.start()
         for modality, batcher in self.batchers.items():
             self.metrics.waiting.labels(modality).set_function(lambda b=batcher: b.waiting)
-        await self.batchers["text"].submit(["预热"])  # warm-up: the first call pays for lazy initialisation
+        # warm-up: the first call of each tower pays for lazy initialisation, not the first client
+        await self.batchers["text"].submit(["预热"])
+        blank = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(blank, "PNG")
+        await self.batchers["image"].submit([self.model.prepare_image(blank.getvalue())])
         self.ready = True
 
     async def stop(self) -> None:
