@@ -37,6 +37,7 @@ def decode_image(encoded: str, limits: InputLimits, where: str = "image") -> byt
         header, _, encoded = encoded.partition(",")
         if not header.endswith(";base64"):
             raise BadInput(f"{where}: a data URI must be base64-encoded (data:image/...;base64,...)")
+    encoded = "".join(encoded.split())  # MIME-style line breaks (`base64` without -w0) are not errors
     if len(encoded) > (limits.max_image_bytes + 2) // 3 * 4 + 4:
         raise BadInput(f"{where}: the image is larger than {limits.max_image_bytes} bytes", 413, "image_too_large")
     try:
