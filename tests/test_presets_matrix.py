@@ -221,3 +221,25 @@ def test_preset_trains_checkpoints_resumes_exactly_and_evaluates(preset, shapes_
     eval_command(["--checkpoint", str(full / "checkpoints"), "--out", str(tmp_path / "eval.json")])
     offline = json.loads((tmp_path / "eval.json").read_text())
     assert offline["n"] == 48 and 0 <= offline["i2t_r1"] <= offline["i2t_r10"] <= 100
+
+    # export of the same bf16 checkpoint (EfficientNet with frozen BN statistics, pretrained BERT, frozen layers):
+    # the folder loaded by load_model embeds exactly as the consolidated towers do, BN statistics included
+    import brivl_ds
+    from brivl_ds.data.shards import read_table
+    from brivl_ds.eval import load_online_model
+    from brivl_ds.export import ExportedModel, Preprocess, export
+
+    online, tokenizer, run_cfg = load_online_model(full / "checkpoints", None)
+    consolidated = ExportedModel(online, tokenizer, Preprocess.of(run_cfg), run_cfg.model)
+    exported = brivl_ds.load_model(export(full / "checkpoints", tmp_path / "exported"))
+    rows = read_table(shapes_data["eval"], columns=["image", "text", "boxes"]).to_pylist()[:4]
+    images, boxes, texts = [r["image"] for r in rows], [r["boxes"] for r in rows], [r["text"] for r in rows]
+    torch.testing.assert_close(exported.embed_images(images, boxes), consolidated.embed_images(images, boxes),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(exported.embed_texts(texts), consolidated.embed_texts(texts), rtol=0, atol=0)
+    saved, stats = exported.towers.state_dict(), 0
+    for name, buffer in online.named_buffers():
+        if name in saved:  # persistent buffers (not e.g. BERT's position_ids)
+            assert torch.equal(saved[name], buffer), name
+            stats += name.endswith("running_var")
+    assert stats > 0  # the frozen BN statistics travelled with the export
