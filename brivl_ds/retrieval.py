@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from brivl_ds.metrics import TIE_TOLERANCE
+
 log = logging.getLogger(__name__)
 
 
@@ -40,11 +42,13 @@ def _hits(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[int, int]:
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor,
-                      ks: tuple[int, ...] = (1, 5, 10), chunk: int = 256) -> dict[str, float]:
+                      ks: tuple[int, ...] = (1, 5, 10), chunk: int = 256,
+                      tie_tolerance: float = TIE_TOLERANCE) -> dict[str, float]:
     """Recall@K both ways for M captions of N images; `text_image[j]` is the index of caption j's image.
 
-    Scores are dot products; a query's rank is the number of wrong candidates scoring strictly higher than its
-    (best) true one, so ties go to the true candidate (as in brivl_ds.metrics). Queries are taken `chunk` at a time:
+    Scores are dot products; a query's rank is the number of wrong candidates scoring more than `tie_tolerance`
+    above its (best) true one, so ties go to the true candidate (as in brivl_ds.metrics, whose TIE_TOLERANCE
+    keeps batching from deciding ties between identical captions or images). Queries are taken `chunk` at a time:
     memory is O(chunk x max(N, M)), never the whole N x M matrix. Images without captions only serve as distractors
     for the caption queries (they have nothing to find as queries themselves).
     """
@@ -62,7 +66,7 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_imag
     for start in range(0, m, chunk):  # caption queries
         scores = text_emb[start:start + chunk] @ image_emb.t()  # [c, N]
         true = scores.gather(1, text_image[start:start + chunk, None])
-        for k, hits in _hits((scores > true).sum(1), ks).items():
+        for k, hits in _hits((scores > true + tie_tolerance).sum(1), ks).items():
             image_hits[k] += hits
 
     captioned = torch.zeros(n, dtype=torch.bool)
@@ -73,7 +77,7 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_imag
         scores = image_emb[rows] @ text_emb.t()  # [c, M]
         positive = text_image[None, :] == rows[:, None]
         best = scores.masked_fill(~positive, float("-inf")).amax(1, keepdim=True)
-        for k, hits in _hits((scores > best).sum(1), ks).items():  # no caption of its own can beat `best`
+        for k, hits in _hits((scores > best + tie_tolerance).sum(1), ks).items():  # none of its own beats `best`
             text_hits[k] += hits
 
     metrics = {}
