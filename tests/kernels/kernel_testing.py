@@ -2,9 +2,9 @@
 elsewhere, and a second conftest module would shadow it). Each test module imports it first.
 
 It makes `brivl_kernels` importable before `pip install -e .`, and picks the device the Triton path runs on: CUDA
-when present, else CPU through the Triton interpreter, which must be switched on before Python starts
-(`TRITON_INTERPRET=1 pytest tests/kernels`): Triton reads it when kernels are defined. Without either, the tests of
-the Triton path skip and say so; the reference tests still run."""
+when present, else CPU through the Triton interpreter, which tests/conftest.py switches on for the test process
+before anything imports triton (Triton reads it when kernels are defined). Where it is off anyway (an explicit
+`TRITON_INTERPRET=0`), the tests of the Triton path skip and say so; the reference tests still run."""
 import importlib.util
 import pathlib
 import sys
@@ -32,7 +32,7 @@ def triton_device():
         return torch.device("cuda")
     if _dispatch.is_interpreted(contrastive._fwd_kernel):
         return torch.device("cpu")
-    pytest.skip("Triton path needs CUDA or the interpreter: run `TRITON_INTERPRET=1 pytest tests/kernels`")
+    pytest.skip("Triton path needs CUDA or the interpreter (TRITON_INTERPRET=1 when Python starts)")
 
 
 @pytest.fixture(autouse=True)
