@@ -106,6 +106,8 @@ class Trainer:
         self.watchdog = Watchdog(self.info.rank, self.info.world, cfg.resilience.hang_timeout_s)
         self.step_times = StepTimes()
         self._bad_micro_steps = 0  # micro-steps of the current accumulation with a non-finite loss or key
+        self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's keys, enqueued at its end
+        self._micro_stats: list[torch.Tensor] = []  # this step's loss statistics, one row per micro-step
 
         self.tokenizer = load_tokenizer(cfg.model.text.tokenizer_path or cfg.model.text.pretrained_path)
         self.collate = build_collator(cfg, self.tokenizer)
@@ -175,11 +177,13 @@ class Trainer:
                                              parts["loss_t2i"].float(),
                                              torch.tensor(float(skipped_rows), device=loss.device),
                                              (~finite).float()]))
+        self._micro_stats.append(stats)
         nonfinite_here = stats[4].item() > 0
         if not bool(finite):  # for the post-mortem: which rank, which rows (a poisoned sample is among them)
             print(f"rank {self.info.rank}: non-finite loss or key at step {self.pos.step + 1}; rows of its batch: "
                   f"{rows}", flush=True)
         self._bad_micro_steps += nonfinite_here
+        self._pending_keys.append((out.image_key, out.text_key))
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.drills.maybe_crash_mid_step(self.pos.step + 1)
@@ -196,16 +200,21 @@ class Trainer:
             self._bad_micro_steps = 0
             if applied:
                 self.momentum.update(self.cfg.moco.momentum)
+                # Keys enter at the optimizer step, gathered over the data-parallel group (each once, every rank
+                # the same queue): with gradient accumulation every micro-batch of a step meets the same queues,
+                # as one batch of the effective size would. A skipped step's keys never enter.
+                image_keys, text_keys = (torch.cat(keys) for keys in zip(*self._pending_keys))
+                self.image_queue.enqueue(image_keys, self.groups.dp_group)
+                self.text_queue.enqueue(text_keys, self.groups.dp_group)
+            self._pending_keys.clear()
         else:
             self.engine.step()
-        # Keys gathered over the data-parallel group: each enters once, every rank holds the same queue. Keys of
-        # a skipped step never enter: the queues are not poisoned.
-        if applied and not nonfinite_here:
-            self.image_queue.enqueue(out.image_key, self.groups.dp_group)
-            self.text_queue.enqueue(out.text_key, self.groups.dp_group)
+        rows_skipped = round(stats[3].item() * self.groups.dp)  # this micro-step's, all ranks
+        if boundary:  # the step's losses: the mean over its micro-batches, i.e. over the effective batch
+            stats = torch.stack(self._micro_stats).mean(0)
+            self._micro_stats.clear()
         return {"loss": stats[0].item(), "loss_i2t": stats[1].item(), "loss_t2i": stats[2].item(),
-                "tau": out.tau.item(), "skipped": round(stats[3].item() * self.groups.dp), "boundary": boundary,
-                "applied": applied}
+                "tau": out.tau.item(), "skipped": rows_skipped, "boundary": boundary, "applied": applied}
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, float]:

@@ -14,7 +14,6 @@ from brivl_ds.config import Config, get_preset
 from conftest import REPO, run_distributed
 from test_towers import small_model_config
 
-pytestmark = pytest.mark.slow
 WORLD, STEPS = 2, 5
 
 
@@ -94,7 +93,7 @@ def _zero3_worker(rank, world, data, out_dir, kernels, checkpointed):
                     "text_queue": trainer.text_queue.keys.clone()}, f"{out_dir}/zero3.pt")
 
 
-def plain_reference(cfg: Config) -> dict:
+def plain_reference(cfg: Config, accum: int = 1) -> dict:
     import deepspeed
 
     from brivl_ds.data.build import build_collator, build_train_stream
@@ -113,15 +112,17 @@ def plain_reference(cfg: Config) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optim, STEPS)
     ema = MomentumUpdater(model.parameter_pairs(), "reference")
     queues = KeyQueue(cfg.moco.queue_size, cfg.model.embed_dim), KeyQueue(cfg.moco.queue_size, cfg.model.embed_dim)
-    # The global batch of step t: every rank's batch t, in rank order (the order the enqueue all-gathers keys in).
+    # The global batch of step t: every rank's micro-batches of step t, rank by rank (the order the enqueue
+    # all-gathers keys in), as one batch: `accum` micro-batches per rank are one batch of the effective size.
     collate = build_collator(cfg, tokenizer)
     streams = [build_train_stream(cfg, collate, rank, WORLD) for rank in range(WORLD)]
     for s in streams:
         s.start_epoch(0, num_workers=0)
     per_rank = [s.epoch_batches() for s in streams]
-    losses = []
+    losses, lrs = [], []
     for step in range(STEPS):
-        batch, _ = collate([x for s, rows in zip(streams, per_rank) for x in s.load_samples(rows[step])[0]])
+        batch, _ = collate([x for s, rows in zip(streams, per_rank) for micro in range(accum)
+                            for x in s.load_samples(rows[step * accum + micro])[0]])
         batch = batch.to("cpu", torch.float32)  # uint8 images -> normalised, as the trainer's train_step does
         out = run_moco(model, batch)
         loss, _ = moco_loss(out, *queues, impl="reference")
@@ -134,18 +135,19 @@ def plain_reference(cfg: Config) -> dict:
         queues[0].write(out.image_key)
         queues[1].write(out.text_key)
         losses.append(loss.item())
-    return {"losses": losses, "params": dict(model.named_parameters()), "text_queue": queues[1].keys}
+        lrs.append(scheduler.get_last_lr()[0])
+    return {"losses": losses, "lrs": lrs, "params": dict(model.named_parameters()), "text_queue": queues[1].keys}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels, checkpointed", [("reference", False), ("triton", False), ("reference", True)])
-def test_zero3_two_ranks_equals_plain_pytorch(kernels, checkpointed, shapes_data, tmp_path, monkeypatch):
+def test_zero3_two_ranks_equals_plain_pytorch(kernels, checkpointed, shapes_data, tmp_path):
     """Same losses and parameters step by step. With the Triton kernels (run by Triton's interpreter here: the
     variable must be set before the workers import triton) the trainer must still match the plain reference;
     with activation checkpointing of both towers (and frozen lower layers: a ZeRO-3 trap before DeepSpeed
     0.19.3), the reference runs without it."""
-    if kernels == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    run_distributed(_zero3_worker, WORLD, shapes_data, str(tmp_path), kernels, checkpointed)
+    run_distributed(_zero3_worker, WORLD, shapes_data, str(tmp_path), kernels, checkpointed,
+                    triton_interpreter=kernels == "triton" and not torch.cuda.is_available())
     got = torch.load(tmp_path / "zero3.pt", weights_only=False)
     reference_cfg = make_config(shapes_data, tmp_path / "ref", checkpointed=checkpointed)
     reference_cfg.model.image.grad_checkpointing = reference_cfg.model.text.grad_checkpointing = False
@@ -211,9 +213,61 @@ def _bf16_worker(rank, world, data, out_dir, recipe):
     assert trainer.engine.skipped_steps == skipped_before + 1 and trainer.scheduler.get_last_lr() == lr_before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["adamw_half", "deepspeed_bf16_states"])
 def test_bf16_run_keeps_fp32_momentum_shards(recipe, shapes_data, tmp_path):
     """bf16 (the base and paper presets): the EMA runs on fp32 copies of each rank's momentum shards, computed from
     the optimizer's master partition (fp32, or bf16 with DeepSpeed's bf16 master weights), and the bf16 shards the
     forward uses are their rounding; a step with a non-finite loss on one rank changes none of it."""
     run_distributed(_bf16_worker, WORLD, shapes_data, str(tmp_path), recipe)
+
+
+ACCUM = 2
+
+
+def _accum_worker(rank, world, data, out_dir):
+    from torch.utils.data import DataLoader
+
+    from brivl_ds.trainer import Trainer
+
+    cfg = make_config(data, out_dir)
+    cfg.train.grad_accum_steps = ACCUM
+    trainer = Trainer(cfg)
+    trainer.engine.train()
+    trainer.stream.start_epoch(0, num_workers=0)
+    loader = iter(DataLoader(trainer.stream, batch_size=None))
+    momentum = [m for o, m in trainer.model.parameter_pairs() if o.requires_grad]
+    losses, lrs = [], []
+    for step in range(STEPS):
+        for micro in range(ACCUM):
+            before, ptr = gathered(momentum), trainer.text_queue.ptr
+            stats = trainer.train_step(next(loader)[0])
+            boundary = micro == ACCUM - 1
+            assert stats["boundary"] == boundary
+            # the EMA and the enqueue happen once per optimizer step, at its last micro-batch
+            moved = any(not torch.equal(a, b) for a, b in zip(gathered(momentum), before))
+            assert moved == boundary, (step, micro)
+            assert (trainer.text_queue.ptr != ptr) == (boundary and cfg.moco.queue_size > 0), (step, micro)
+        losses.append(stats["loss"])
+        lrs.append(trainer.scheduler.get_last_lr()[0])
+    final = dict(zip([n for n, _ in trainer.model.named_parameters()], gathered(list(trainer.model.parameters()))))
+    if rank == 0:
+        torch.save({"losses": losses, "lrs": lrs, "params": final, "text_queue": trainer.text_queue.keys.clone(),
+                    "ptr": trainer.text_queue.ptr}, f"{out_dir}/accum.pt")
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_plain_pytorch_with_the_effective_batch(shapes_data, tmp_path):
+    """train.grad_accum_steps=2 on 2 ZeRO-3 ranks of 4 samples = one process with batches of 16: the same losses
+    (the logged loss is the mean over the step's micro-batches), LR schedule, parameters, EMA and queues. The EMA
+    and the enqueue run only at the step boundary, so every micro-batch of a step meets the same queues."""
+    run_distributed(_accum_worker, WORLD, shapes_data, str(tmp_path))
+    got = torch.load(tmp_path / "accum.pt", weights_only=False)
+    ref = plain_reference(make_config(shapes_data, tmp_path / "ref"), accum=ACCUM)
+    assert ref["losses"][0] == 0.0 and ref["losses"][1] > 0
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
+    for name, value in ref["params"].items():
+        torch.testing.assert_close(got["params"][name], value.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(got["text_queue"], ref["text_queue"], rtol=1e-4, atol=1e-5)
+    assert got["ptr"] == STEPS * WORLD * ACCUM * 4 % 10  # 16 keys per step into K = 10
+    assert got["lrs"] == pytest.approx(ref["lrs"], rel=1e-12)  # the schedule advanced once per optimizer step
