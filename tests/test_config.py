@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from brivl_ds.config import Config, apply_override, build_config, get_preset
@@ -43,13 +45,28 @@ def test_ds_config_refuses_settings_the_trainer_owns(tmp_path):
     assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == cfg.optim.grad_clip
     assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
     bad = tmp_path / "bad.json"
-    bad.write_text('{"zero_optimization": {"stage": 3}, "gradient_clipping": 5.0}')
     cfg.train.ds_config = str(bad)
-    with pytest.raises(ValueError, match="gradient_clipping"):
-        load_ds_config(cfg)
+    # each value the trainer config owns, set differently in the JSON: refused, naming the --set to use
+    for key, value, setting in (("train_micro_batch_size_per_gpu", 7, "data.batch_size"),
+                                ("gradient_accumulation_steps", 3, "train.grad_accum_steps"),
+                                ("gradient_clipping", 5.0, "optim.grad_clip")):
+        bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, key: value}))
+        with pytest.raises(ValueError, match=f"{key}={value}.*use --set {setting}="):
+            load_ds_config(cfg)
+    for key in ("train_batch_size", "optimizer", "scheduler"):
+        bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, key: {"type": "x"} if key != "train_batch_size"
+                                   else 64}))
+        with pytest.raises(ValueError, match=f"sets '{key}'; the trainer owns it"):
+            load_ds_config(cfg)
     bad.write_text('{"zero_optimization": {"stage": 2}}')
     with pytest.raises(ValueError, match="stage 3"):
         load_ds_config(cfg)
+    for offload in ("offload_optimizer", "offload_param"):  # ZeRO-Offload: refused with the reason and alternatives
+        bad.write_text(json.dumps({"zero_optimization": {"stage": 3, offload: {"device": "cpu"}}}))
+        with pytest.raises(ValueError, match=f"{offload}: ZeRO-Offload is not supported.*adamw_half"):
+            load_ds_config(cfg)
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none"}}}))
+    assert "offload_optimizer" in load_ds_config(cfg)["zero_optimization"]  # "none" is no offload
 
 
 def test_presets_command_prints_the_config_and_the_parameter_count(capsys):

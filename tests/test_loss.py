@@ -71,6 +71,9 @@ def test_temperature_is_clamped_and_excluded_from_weight_decay():
     with torch.no_grad():
         model.log_tau.fill_(math.log(1e-4))
     assert model.tau().item() == pytest.approx(0.01)
+    with torch.no_grad():
+        model.log_tau.fill_(math.log(3.0))
+    assert model.tau().item() == pytest.approx(0.5)
     decay, no_decay = param_groups(model, 0.1)
     assert any(p is model.log_tau for p in no_decay["params"])
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
