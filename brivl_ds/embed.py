@@ -15,6 +15,10 @@ skips the shards that are finished and redoes the rest. Under a launcher (`deeps
 brivl_ds.embed ...`, or torchrun) rank r of W takes shards r, r + W, ... from the environment; no process group is
 needed. An image that cannot be decoded is skipped and counted, never fatal; images without boxes (the --images
 mode, or shard rows without any) get the model's fallback layout (the whole image, or its grid).
+
+embed.json is written once every shard is committed, by whichever rank finds them all committed after its own
+(the last to finish). Its per-shard counts of skipped images are read back from the committed shards (input rows
+minus embedded rows), so they cover every rank's shards and those a restart reused.
 """
 from __future__ import annotations
 
@@ -52,6 +56,18 @@ def read_inputs(args) -> tuple[list[str], list, list, list]:
 
 def shard_done(out: Path, k: int) -> bool:
     return (out / "ids" / f"part-{k:05d}.parquet").exists()
+
+
+def skipped_per_shard(out: Path, n_rows: int, rows_per_shard: int) -> dict[str, int] | None:
+    """Images skipped in each shard (its input rows minus the rows it embedded), or None while a shard is
+    unfinished."""
+    counts = {}
+    for k in range(-(-n_rows // rows_per_shard)):
+        if not shard_done(out, k):
+            return None
+        embedded = pq.read_metadata(out / "ids" / f"part-{k:05d}.parquet").num_rows
+        counts[f"part-{k:05d}"] = min(rows_per_shard, n_rows - k * rows_per_shard) - embedded
+    return counts
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -125,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"model": str(args.model.resolve()), "modalities": modalities, "dim": model.config.embed_dim,
               "dtype": "float16", "rows": len(ids), "shards": len(shards), "skipped": {},
               "source": {"kind": kind, "path": str(Path(getattr(args, kind)).resolve())}}
+    skipped_here = 0
     for k in tqdm(todo, desc=f"embed (rank {rank})", disable=args.no_progress):
         rows = range(k * args.rows_per_shard, min((k + 1) * args.rows_per_shard, len(ids)))
         arrays, keep, skipped = embed_shard(model, rows, ids, images, texts, boxes, args.batch_size)
@@ -134,11 +151,15 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = args.out / "ids" / f"part-{k:05d}.tmp.parquet"
         pq.write_table(table, tmp)
         tmp.replace(args.out / "ids" / f"part-{k:05d}.parquet")  # the commit: this shard is finished
-        report["skipped"][f"part-{k:05d}"] = skipped
-    if rank == 0:
-        (args.out / "embed.json").write_text(json.dumps(report, indent=1))
-    print(f"rank {rank}: embedded {len(todo)} shards into {args.out} "
-          f"({sum(report['skipped'].values())} images skipped)", flush=True)
+        skipped_here += skipped
+    print(f"rank {rank}: embedded {len(todo)} shards into {args.out} ({skipped_here} images skipped)", flush=True)
+    report["skipped"] = skipped_per_shard(args.out, len(ids), args.rows_per_shard)
+    if report["skipped"] is not None:  # every shard is committed: this rank finished last
+        tmp = args.out / f"embed.json.{rank}.tmp"
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(args.out / "embed.json")  # atomic: two ranks finishing together write the same report
+        print(f"rank {rank}: every shard is finished: {args.out / 'embed.json'} "
+              f"({sum(report['skipped'].values())} images skipped in all)", flush=True)
     return report
 
 
