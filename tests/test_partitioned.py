@@ -10,7 +10,6 @@ import torch
 
 from conftest import run_distributed
 
-pytestmark = pytest.mark.slow
 
 # The shipped presets' towers at reduced sizes (tests/test_presets_matrix.py), fp32 and bf16 ds_configs.
 CASES = {
@@ -105,6 +104,7 @@ def _worker(rank, world, pretrained):
         _build(cfg, 60, _ds_config(False))
 
 
+@pytest.mark.slow
 def test_zero_init_build_equals_the_plain_build(tmp_path):
     """tiny (ConvNeXt, random BERT) and base (TF-EfficientNet with frozen-statistics BN; random, and loaded from
     a `save_pretrained` BERT and a timm checkpoint file with a classifier) on 2 ranks."""

@@ -18,8 +18,6 @@ from conftest import run_distributed
 from test_presets_matrix import REDUCED
 from test_zero3 import write_atomically
 
-pytestmark = pytest.mark.slow
-
 
 def _config(preset, settings, data, out_dir, tp=1, persistence=None, ds_config=None):
     cfg = build_config(preset, settings)
@@ -96,6 +94,7 @@ def _check_activations(results, batch):
         assert result["estimate"] == pytest.approx(result["saved"], rel=0.10), result
 
 
+@pytest.mark.slow
 def test_base_at_real_size_on_2_ranks(shapes_data, tmp_path):
     """base as shipped (380 px B5, 12 x 768 text, D 2048, K 9600, bf16, AdamW, frozen lower layers), random init,
     batch 3: model states and activations."""
@@ -105,6 +104,7 @@ def test_base_at_real_size_on_2_ranks(shapes_data, tmp_path):
     _check_activations(results, 3)
 
 
+@pytest.mark.slow
 def test_tiny_on_1_rank(shapes_data, tmp_path):
     """tiny as shipped (fp32, AdamW: no EMA copy), batch 3: model states and activations."""
     results = _run("tiny", ["data.batch_size=3"], 1, shapes_data, tmp_path)
@@ -113,6 +113,7 @@ def test_tiny_on_1_rank(shapes_data, tmp_path):
     _check_activations(results, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vit_small_patch16_224", "eva02_small_patch14_224"])
 def test_10b_model_states_at_tp2_on_4_ranks(backbone, shapes_data, tmp_path):
     """The reduced 10b variant (QK-norm and LayerScale, everything trainable, adamw_half, bf16) at TP = 2 x DP = 2,
@@ -146,6 +147,7 @@ def test_plan_command_finds_the_largest_batch_that_fits(capsys):
     assert f"largest batch per GPU that fits: {largest}" in text and ": fits" in text
 
 
+@pytest.mark.slow
 def test_deepspeed_bf16_optimizer_states_recipe_on_2_ranks(shapes_data, tmp_path):
     """The alternative to adamw_half: DeepSpeed's bf16 master weights and bf16 optimizer states
     (ds_configs/paper-1b-bf16-states.json) with torch AdamW, on the reduced paper-1b."""

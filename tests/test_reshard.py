@@ -18,8 +18,6 @@ import torch
 from conftest import run_distributed
 from test_zero3 import make_config, write_atomically
 
-pytestmark = pytest.mark.slow
-
 
 def _recipe(data, out_dir):
     cfg = make_config(data, out_dir, checkpointed=True)  # frozen lower layers and activation checkpointing
@@ -110,10 +108,12 @@ def _reshard_equals_deepspeed_load(rank, world, data, out_dir):
             assert torch.equal(got[key], expected[key]), (name, key)
 
 
+@pytest.mark.slow
 def test_resharding_loader_equals_deepspeed_load_in_the_presets_recipe(shapes_data, tmp_path):
     run_distributed(_reshard_equals_deepspeed_load, 2, shapes_data, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_resume_on_2_then_4_then_2_ranks_matches_deepspeeds_universal_checkpoint(shapes_data, tmp_path):
     """2 ranks x 4 samples to step 2, resumed mid-epoch on 4 ranks x 2 (the same global batch) to step 4, then on
     2 ranks again to step 6; the last leg equals a 2-rank run continued from DeepSpeed's universal checkpoint of the

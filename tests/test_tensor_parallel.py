@@ -13,8 +13,6 @@ import torch
 from conftest import run_distributed
 from test_towers import random_batch, small_model_config
 
-pytestmark = pytest.mark.slow
-
 
 def test_megatron_core_imports_on_a_cpu_only_host():
     import megatron.core  # failed on CPU-only hosts in 0.15.0 (Megatron-LM issue 2715)
@@ -113,6 +111,7 @@ def _tp_worker(rank, world, pretrained_dir, backbone):
     assert frozen == {n for n, p in model.named_parameters() if not p.requires_grad}
 
 
+@pytest.mark.slow
 def test_tp2_towers_equal_tp1_outputs_and_gradients(tmp_path):
     """With a text encoder loaded from a `save_pretrained` directory: q, k and v must split by whole heads."""
     from brivl_ds.models.text_tower import TextTower
@@ -124,6 +123,7 @@ def test_tp2_towers_equal_tp1_outputs_and_gradients(tmp_path):
     run_distributed(_tp_worker, 2, str(tmp_path / "bert"), "test_convnext")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vit_small_patch16_224", "eva02_small_patch14_224"])
 def test_tp2_vit_image_tower_equals_tp1(backbone):
     """A ViT or EVA-02 backbone (6 heads, QK-norm, LayerScale, lower blocks frozen) is split like the text
@@ -230,6 +230,7 @@ def _dropout_worker(rank, world):
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_split_activations_get_per_rank_dropout_masks_and_resume_exactly():
     """Attention dropout on a rank's own heads draws from a per-TP-rank stream (megatron's tracker, or its CPU
     counterpart), the rest of the dropout from the stream shared by the TP ranks; both are checkpointed, and an
@@ -273,6 +274,7 @@ def assembled_queue(checkpoint: Path, key: str) -> torch.Tensor:
     return queue
 
 
+@pytest.mark.slow
 def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, tmp_path):
     """`deepspeed --num_gpus 4 ... --set parallel.tensor_parallel=2` against `--num_gpus 2` (the same data-parallel
     layout, so the same batches), fp32: the same losses, gradient norms, queues and recall; then TP=2 resumes from
