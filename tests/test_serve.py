@@ -1,6 +1,8 @@
 """The service (`python -m brivl_ds.serve`) as a real uvicorn process on 127.0.0.1, driven by a real HTTP client:
 every endpoint against the model run in this process, every kind of bad input answered with a 4xx while the
-service goes on, and a bounded concurrent load with no errors, no lost or crossed responses, and batches formed."""
+service goes on, and a bounded concurrent load with no errors, no lost or crossed responses, and batches formed;
+then a second process for the options the first leaves at their defaults: `--dtype bf16`, `--max-image-bytes` and
+the 503 beyond `--max-waiting`."""
 import asyncio
 import base64
 import io
@@ -16,7 +18,6 @@ from PIL import Image
 
 from conftest import REPO, free_port
 
-pytestmark = pytest.mark.slow
 LIMITS = {"--max-items": 8, "--max-body-bytes": 1 << 20, "--max-pixels": 1_000_000, "--max-text-chars": 40,
           "--max-k": 20}
 
@@ -41,13 +42,11 @@ def corpus(tiny_model_dir, shapes_data, tmp_path_factory):
     return {"root": root, "rows": rows}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, corpus):
+def serve(args: list[str]):
+    """`python -m brivl_ds.serve ARGS` on a free port until /readyz answers 200: yields (url, process)."""
     port = free_port()
-    args = [sys.executable, "-m", "brivl_ds.serve", "--model", str(tiny_model_dir), "--port", str(port),
-            "--index", str(corpus["root"] / "text"), "--index", str(corpus["root"] / "image"),
-            "--batch-window-ms", "20", *[str(x) for kv in LIMITS.items() for x in kv]]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "brivl_ds.serve", "--port", str(port), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -67,6 +66,13 @@ def server(tiny_model_dir, corpus):
 
 
 @pytest.fixture(scope="module")
+def server(tiny_model_dir, corpus):
+    yield from serve(["--model", str(tiny_model_dir), "--index", str(corpus["root"] / "text"),
+                      "--index", str(corpus["root"] / "image"), "--batch-window-ms", "20",
+                      *[str(x) for kv in LIMITS.items() for x in kv]])
+
+
+@pytest.fixture(scope="module")
 def model(tiny_model_dir):
     import brivl_ds
 
@@ -77,6 +83,7 @@ def post(url, path, body, **kw):
     return httpx.post(f"{url}{path}", json=body, timeout=60, **kw)
 
 
+@pytest.mark.slow
 def test_probes_and_embeddings_equal_the_model_in_process(server, model, corpus):
     url, _ = server
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
@@ -109,6 +116,7 @@ def test_probes_and_embeddings_equal_the_model_in_process(server, model, corpus)
     assert 'brivl_batch_size_count{modality="image"}' in metrics
 
 
+@pytest.mark.slow
 def test_match_scores_and_probabilities(server, model, corpus):
     url, _ = server
     rows = corpus["rows"][:4]
@@ -127,6 +135,7 @@ def test_match_scores_and_probabilities(server, model, corpus):
     torch.testing.assert_close(torch.tensor(reverse["scores"], dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_search_returns_the_exact_top_k_of_the_indexed_corpus(server, model, corpus):
     from brivl_ds.embed import load_embeddings
 
@@ -157,6 +166,7 @@ def png_bomb() -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_bad_input_gets_a_4xx_with_a_message_and_the_service_goes_on(server, corpus):
     url, proc = server
     jpeg = corpus["rows"][0]["image"]
@@ -206,6 +216,7 @@ def test_bad_input_gets_a_4xx_with_a_message_and_the_service_goes_on(server, cor
         assert f'brivl_refused_total{{reason="{reason}"}}' in metrics, reason
 
 
+@pytest.mark.slow
 def test_concurrent_load_is_micro_batched_with_no_errors_and_no_crossed_responses(server, model, corpus):
     url, _ = server
 
@@ -234,3 +245,90 @@ def test_concurrent_load_is_micro_batched_with_no_errors_and_no_crossed_response
     count, items = (a - b for a, b in zip(batches(httpx.get(f"{url}/metrics").text, "text"), before))
     assert items == sum(m == "text" for m, _ in jobs)
     assert count < items  # concurrent requests shared model calls
+
+
+# ------------------------------------------------------------------------------------- bf16, image bytes, overload
+MAX_IMAGE_BYTES, MAX_WAITING = 2000, 5  # the shapes JPEGs are 0.9-1.5 kB
+
+
+@pytest.fixture(scope="module")
+def bf16_server(tiny_model_dir):
+    """The fp32 export served in bf16, with a 2000-byte image limit and at most 5 items waiting for the model
+    (more than fit one request: --max-items 8)."""
+    yield from serve(["--model", str(tiny_model_dir), "--dtype", "bf16", "--max-image-bytes", str(MAX_IMAGE_BYTES),
+                      "--max-waiting", str(MAX_WAITING), "--max-items", "8"])
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tiny_model_dir):
+    import brivl_ds
+
+    return brivl_ds.load_model(tiny_model_dir, dtype=torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_bf16_service_equals_the_bf16_model_and_fp32_within_bf16_rounding(bf16_server, bf16_model, model, corpus):
+    url, _ = bf16_server
+    rows = corpus["rows"][10:15]
+    texts, images = [r["text"] for r in rows], [r["image"] for r in rows]
+    for modality, items, embed in (("text", texts, lambda m: m.embed_texts(texts)),
+                                   ("image", [b64(i) for i in images], lambda m: m.embed_images(images))):
+        r = post(url, "/v1/embeddings", {"input": items, "modality": modality})
+        assert r.status_code == 200, r.text
+        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+        # computed in bf16: every value is a bf16 number (fp32 towers would give one with probability 2^-16)
+        assert torch.equal(got, got.bfloat16().float()), modality
+        # the in-process bf16 model on the same batch: identical here; a thread count that splits a reduction
+        # otherwise could flip a rounding upstream, so two bf16 ulps (2^-7 relative) and 2^-10 near zero
+        torch.testing.assert_close(got, embed(bf16_model), rtol=2 ** -7, atol=2 ** -10)
+        # fp32 differs by bf16 rounding only: 8 significant bits (2^-9 = 0.2 % per rounding), two of them in the
+        # norm alone, a few more through the towers: <= 1.1 % in L2 over the 48 shapes pairs (development machine);
+        # 3 % bounds that on any CPU and stays below the 8 % between the nearest two different items
+        distance = (got - embed(model)).norm(dim=1)
+        assert distance.max() < 0.03, (modality, distance)
+
+
+def padded_jpeg(jpeg: bytes, size: int) -> bytes:
+    """`jpeg` grown to exactly `size` bytes by a comment segment after SOI: the same picture, decoded alike."""
+    payload = size - len(jpeg) - 4  # marker FF FE and a 2-byte length that counts itself
+    assert jpeg[:2] == b"\xff\xd8" and 0 <= payload < 65534
+    return jpeg[:2] + b"\xff\xfe" + (payload + 2).to_bytes(2, "big") + b"\0" * payload + jpeg[2:]
+
+
+@pytest.mark.slow
+def test_an_image_over_max_image_bytes_is_refused_one_at_the_limit_is_served(bf16_server, bf16_model, corpus):
+    url, proc = bf16_server
+    jpeg = corpus["rows"][0]["image"]
+    at, under, over = (padded_jpeg(jpeg, MAX_IMAGE_BYTES + d) for d in (0, -1, 1))
+    r = post(url, "/v1/embeddings", {"input": [b64(at), b64(under)], "modality": "image"})
+    assert r.status_code == 200, r.text
+    torch.testing.assert_close(torch.tensor([d["embedding"] for d in r.json()["data"]]),  # the same picture
+                               bf16_model.embed_images([jpeg, jpeg]), rtol=2 ** -7, atol=2 ** -10)  # as above
+    for encoded in (b64(over), "data:image/jpeg;base64," + b64(over)):
+        r = post(url, "/v1/embeddings", {"input": [b64(at), encoded], "modality": "image"})
+        assert r.status_code == 413, r.text
+        assert r.json()["error"] == {"message": f"input[1]: the image is larger than {MAX_IMAGE_BYTES} bytes",
+                                     "type": "invalid_request_error", "reason": "image_too_large"}
+    assert proc.poll() is None
+    assert 'brivl_refused_total{reason="image_too_large"} 2.0' in httpx.get(f"{url}/metrics").text
+
+
+@pytest.mark.slow
+def test_more_items_than_max_waiting_get_a_503_and_the_service_goes_on(bf16_server, corpus):
+    url, proc = bf16_server
+    texts = [r["text"] for r in corpus["rows"][:MAX_WAITING + 1]]
+    assert httpx.get(f"{url}/readyz").json()["batching"]["max_waiting"] == MAX_WAITING
+    # one client, one request at a time: nothing waits when a request arrives, so its own items decide, whatever
+    # the machine's speed: MAX_WAITING items are served, one more is shed.
+    assert post(url, "/v1/embeddings", {"input": texts[:MAX_WAITING]}).status_code == 200
+    for modality, items in (("text", texts), ("image", [b64(r["image"]) for r in corpus["rows"][:MAX_WAITING + 1]])):
+        r = post(url, "/v1/embeddings", {"input": items, "modality": modality})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == {"message": f"0 items are waiting for the model (limit {MAX_WAITING}): retry later",
+                                     "type": "overloaded", "reason": "overloaded"}
+    assert proc.poll() is None
+    r = post(url, "/v1/embeddings", {"input": texts[:2]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2, r.text
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'brivl_refused_total{reason="overloaded"} 2.0' in metrics
+    assert 'brivl_requests_total{endpoint="/v1/embeddings",status="503"} 2.0' in metrics

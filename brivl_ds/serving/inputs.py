@@ -38,14 +38,17 @@ def decode_image(encoded: str, limits: InputLimits, where: str = "image") -> byt
         if not header.endswith(";base64"):
             raise BadInput(f"{where}: a data URI must be base64-encoded (data:image/...;base64,...)")
     encoded = "".join(encoded.split())  # MIME-style line breaks (`base64` without -w0) are not errors
-    if len(encoded) > (limits.max_image_bytes + 2) // 3 * 4 + 4:
-        raise BadInput(f"{where}: the image is larger than {limits.max_image_bytes} bytes", 413, "image_too_large")
+    too_large = BadInput(f"{where}: the image is larger than {limits.max_image_bytes} bytes", 413, "image_too_large")
+    if len(encoded) > (limits.max_image_bytes + 2) // 3 * 4 + 4:  # refused before decoding a huge string
+        raise too_large
     try:
         raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise BadInput(f"{where}: not valid base64") from None
     if not raw:
         raise BadInput(f"{where}: empty image")
+    if len(raw) > limits.max_image_bytes:  # the check above counts base64 groups of 3 bytes: a few more pass it
+        raise too_large
     check_image_header(raw, limits, where)
     return raw
 
