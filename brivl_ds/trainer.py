@@ -153,6 +153,8 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
         self.metrics_file = self.out_dir / "metrics.jsonl"
+        if self.info.is_main:
+            print(run_summary(cfg, self.info, self.groups, self.dtype), flush=True)
         resumed = self._maybe_resume()
         # Steps logged after the checkpoint we resumed from are about to be logged again: TensorBoard drops its
         # events from that step on (purge_step) and metrics.jsonl is cut back, so each step appears once.
@@ -471,6 +473,20 @@ def check_batchnorm_precision(model: BriVLMoCo, cfg: Config, ds_config: dict) ->
     if low_precision and has_bn and not cfg.model.image.frozen_bn_stats:
         raise ValueError("model.image.frozen_bn_stats=false (BatchNorm with batch statistics) runs in fp32 only; "
                          "use a DeepSpeed config with bf16 disabled or keep frozen_bn_stats=true")
+
+
+def run_summary(cfg: Config, info: DistInfo, groups, dtype: torch.dtype) -> str:
+    """One line on what runs where: the world, the device, the precision and the path each kernel takes."""
+    import brivl_kernels
+
+    kernels = {"loss": brivl_kernels.path_taken("queue_contrastive_loss", cfg.moco.loss_impl, info.device),
+               "momentum": brivl_kernels.path_taken("momentum_update_", cfg.moco.momentum_impl, info.device)}
+    if cfg.optim.name == "adamw_half":
+        kernels["adamw_half"] = brivl_kernels.path_taken("AdamWHalfStates", "auto", info.device)
+    return (f"{cfg.preset}: {info.world} rank{'s' * (info.world > 1)} ({groups.dp} data-parallel x {groups.tp} "
+            f"tensor-parallel) on "
+            f"{info.device.type}, {str(dtype).removeprefix('torch.')}, kernels: "
+            + ", ".join(f"{name} {path}" for name, path in kernels.items()))
 
 
 def format_recall(result: dict[str, float], step: int) -> str:

@@ -61,6 +61,8 @@ def full_run(converted, tmp_path_factory):
 def test_quickstart_trains_checkpoints_and_evaluates(full_run):
     out, log = full_run
     assert "eval @ step 6 on 48 held-out pairs: R@1/5/10" in log
+    assert "tiny: 2 ranks (2 data-parallel x 1 tensor-parallel) on cpu, float32, kernels: loss reference, " \
+        "momentum reference" in log  # CPU without the interpreter: the references
     assert (out / "checkpoints" / "latest").read_text().strip() == "step6"
     assert sorted(p.name for p in (out / "checkpoints" / "step6").glob("zero_pp_rank_*_model_states.pt")) == \
         ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
