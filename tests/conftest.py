@@ -36,8 +36,8 @@ def child_env(triton_interpreter: bool = False, **extra: str) -> dict[str, str]:
     env = {**os.environ, **extra}
     if triton_interpreter:
         env["TRITON_INTERPRET"] = "1"
-    elif INTERPRETER_SET_HERE:
-        env.pop("TRITON_INTERPRET", None)
+    elif INTERPRETER_SET_HERE:  # "0", not absent: a spawned rank imports this module again and would set it
+        env["TRITON_INTERPRET"] = "0"
     return env
 
 REPO = Path(__file__).resolve().parent.parent
