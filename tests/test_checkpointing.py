@@ -90,3 +90,15 @@ def test_checkpointed_vit_towers_equal_plain_towers_with_dropout_and_frozen_bloc
     with torch.no_grad():
         checkpointed(batch)
     assert calls == dict.fromkeys(paths, 1), calls
+
+
+def test_timm_reentrant_checkpointing_is_refused(monkeypatch):
+    """TIMM_REENTRANT_CKPT=1 would make timm's checkpointed blocks above a frozen one silently lose their gradients
+    (reentrant checkpointing builds no graph when the block's input needs no gradient)."""
+    import timm.layers
+
+    cfg = small_model_config()
+    cfg.image.grad_checkpointing = True
+    monkeypatch.setattr(timm.layers.config, "_USE_REENTRANT_CKPT", True)
+    with pytest.raises(ValueError, match="TIMM_REENTRANT_CKPT"):
+        apply_activation_checkpointing(BriVL(cfg, vocab_size=50), cfg)

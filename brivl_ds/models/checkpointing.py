@@ -35,6 +35,12 @@ def checkpoint_forward(module: nn.Module) -> None:
 def apply_activation_checkpointing(towers: nn.Module, cfg: ModelConfig) -> None:
     """Switch on the configured checkpointing of a BriVL's towers (call it on the online towers only)."""
     if cfg.image.grad_checkpointing:
+        from timm.layers import use_reentrant_ckpt
+
+        if use_reentrant_ckpt():  # TIMM_REENTRANT_CKPT=1: with frozen lower blocks the blocks above get no gradient
+            raise ValueError("timm is set to reentrant activation checkpointing (TIMM_REENTRANT_CKPT): it builds no "
+                             "graph when a block's input needs no gradient, so blocks above frozen ones would "
+                             "silently stop training; unset TIMM_REENTRANT_CKPT")
         towers.image.backbone.set_grad_checkpointing(True)
         for layer in towers.image.encoder.layers:
             checkpoint_forward(layer)
