@@ -334,3 +334,43 @@ def test_sequence_parallel_is_refused_before_anything_starts():
 
     with pytest.raises(ValueError, match="sequence_parallel"):
         Trainer(build_config("tiny", ["parallel.sequence_parallel=true"]))
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"proj_drop_rate": 0.1}, "projection dropout"),
+    ({"scale_attn_norm": True}, "attention with scale-norm or a gate"),
+    ("gated attention", "attention with scale-norm or a gate"),
+    ({"attn_layer": "diff"}, "DiffAttention attention is not split by the plan"),
+    ({"scale_mlp_norm": True}, "Mlp with a norm over its hidden features"),
+])
+def test_vit_blocks_that_cannot_split_are_refused_at_tp2(change, reason):
+    """What tensor parallelism cannot split in a timm ViT is refused with the reason (before anything is built or
+    launched), never replicated or cut wrongly; the same backbone passes at TP = 1, the plain one at TP = 2."""
+    import timm
+    from timm.models.vision_transformer import Attention
+
+    from brivl_ds.parallel.plan import check_backbone_splits
+
+    def vit(**kwargs):
+        return timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=0, device="meta", **kwargs)
+
+    check_backbone_splits(vit(), 2)
+    if change == "gated attention":
+        backbone = vit()
+        backbone.blocks[0].attn = Attention(192, 3, qkv_bias=True, gated=True, device="meta")
+    else:
+        backbone = vit(**change)
+    check_backbone_splits(backbone, 1)
+    with pytest.raises(ValueError, match=f"blocks.0: tensor parallelism cannot split {reason}"):
+        check_backbone_splits(backbone, 2)
+
+
+def test_per_depth_mixed_rope_is_refused_at_tp2():
+    import timm
+
+    from brivl_ds.parallel.plan import check_backbone_splits
+
+    backbone = timm.create_model("vit_small_patch16_rope_mixed_224", depth=1, num_classes=0, device="meta")
+    check_backbone_splits(backbone, 1)
+    with pytest.raises(ValueError, match="mixed RoPE does not split"):
+        check_backbone_splits(backbone, 2)
