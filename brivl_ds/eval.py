@@ -1,6 +1,7 @@
 """Held-out retrieval Recall@1/5/10, as a command.
 
   python -m brivl_ds.eval --checkpoint runs/tiny/checkpoints [--tag step300] [--data shards] [--out eval.json]
+                          [--save-embeddings emb.pt]
   python -m brivl_ds.eval --embeddings np_img.npy np_text.npy        # precomputed (e.g. official) embeddings
 
 Scores are dot products of the embeddings (row i of each is pair i); Recall@K is the share of queries whose true
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", help="shards to evaluate on (default: the run's eval_path)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, help="write the metrics as JSON here")
+    parser.add_argument("--save-embeddings", type=Path, metavar="PT",
+                        help="with --checkpoint: also save the embeddings ({'image', 'text'}, row order, fp32)")
     args = parser.parse_args(argv)
 
     if args.embeddings:
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not data:
             raise ValueError("the run has no eval_path; pass --data")
         result = evaluate_retrieval(model, build_eval_set(cfg, data), build_collator(cfg, tokenizer),
-                                    args.batch_size, info, torch.float32)
+                                    args.batch_size, info, torch.float32, embeddings_out=args.save_embeddings)
     text_out = json.dumps(result, indent=1)
     print(text_out)
     if args.out:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from brivl_ds.config import PRESETS, build_config
-from conftest import REPO, deepspeed_train
+from conftest import REPO, deepspeed_train, relative_error_to_spread
 
 N = 3  # steps before the checkpoint the resumed run starts from; 2N steps in all
 
@@ -58,7 +58,7 @@ REDUCED: dict[str, list[str]] = {
 # Steps and schedule length are run sizes too; the run also evaluates at step N, just after the checkpoint the
 # resumed run starts from, so an evaluation must not change what training does next. The rest: data and weights.
 RUN = [f"train.max_steps={2 * N}", f"train.save_every={N}", f"train.eval_every={N}", "optim.warmup_steps=2",
-       "train.progress_bar=false"]
+       "train.progress_bar=false", "train.save_eval_embeddings=true"]
 
 
 def _leaves(node, prefix=""):
@@ -212,34 +212,44 @@ def test_preset_trains_checkpoints_resumes_exactly_and_evaluates(preset, shapes_
         for n in checked:
             assert torch.equal(at_end[n], loaded[n].to(dtype).float()), n
 
-    # the eval command reads the bf16 ZeRO-3 checkpoint (consolidated to fp32) and evaluates it: once, for the
-    # largest preset (base's checkpoint takes the same path; the suite's time is precious)
+    # The eval command and the export read the bf16 ZeRO-3 checkpoint (EfficientNet with frozen BN statistics,
+    # pretrained BERT, frozen layers): once, for the largest preset (base's checkpoint takes the same path; the
+    # suite's time is precious). Checked against what they do not share code with: DeepSpeed's own zero_to_fp32
+    # consolidation, the pretrained files, and the run's own bf16 evaluation.
     if preset != "paper-1b":
         return
-    from brivl_ds.eval import main as eval_command  # its main, in this process (a process start saved)
-
-    eval_command(["--checkpoint", str(full / "checkpoints"), "--out", str(tmp_path / "eval.json")])
-    offline = json.loads((tmp_path / "eval.json").read_text())
-    assert offline["n"] == 48 and 0 <= offline["i2t_r1"] <= offline["i2t_r10"] <= 100
-
-    # export of the same bf16 checkpoint (EfficientNet with frozen BN statistics, pretrained BERT, frozen layers):
-    # the folder loaded by load_model embeds exactly as the consolidated towers do, BN statistics included
     import brivl_ds
     from brivl_ds.data.shards import read_table
-    from brivl_ds.eval import load_online_model
-    from brivl_ds.export import ExportedModel, Preprocess, export
+    from brivl_ds.eval import main as eval_command  # its main, in this process (a process start saved)
+    from brivl_ds.export import export
+    from brivl_ds.metrics import recall_at_k
+    from safetensors.torch import load_file
 
-    online, tokenizer, run_cfg = load_online_model(full / "checkpoints", None)
-    consolidated = ExportedModel(online, tokenizer, Preprocess.of(run_cfg), run_cfg.model)
-    exported = brivl_ds.load_model(export(full / "checkpoints", tmp_path / "exported"))
-    rows = read_table(shapes_data["eval"], columns=["image", "text", "boxes"]).to_pylist()[:4]
+    folder = export(full / "checkpoints", tmp_path / "exported")
+    weights = load_file(str(folder / "model.safetensors"))
+    assert set(weights) == {k.removeprefix("online.") for k in at_end if k.startswith("online.")}
+    for name, value in weights.items():  # every weight and buffer, exactly: bf16 values widened to fp32 both ways
+        assert torch.equal(value, at_end[f"online.{name}"]), name
+    stats = [n for n in weights if n.startswith("image.backbone.") and n.endswith("running_var")]
+    assert stats and all(torch.equal(weights[n], cnn[n.removeprefix("image.backbone.")]) for n in stats)
+
+    rows = read_table(shapes_data["eval"], columns=["image", "text", "boxes"]).to_pylist()
     images, boxes, texts = [r["image"] for r in rows], [r["boxes"] for r in rows], [r["text"] for r in rows]
-    torch.testing.assert_close(exported.embed_images(images, boxes), consolidated.embed_images(images, boxes),
-                               rtol=0, atol=0)
-    torch.testing.assert_close(exported.embed_texts(texts), consolidated.embed_texts(texts), rtol=0, atol=0)
-    saved, stats = exported.towers.state_dict(), 0
-    for name, buffer in online.named_buffers():
-        if name in saved:  # persistent buffers (not e.g. BERT's position_ids)
-            assert torch.equal(saved[name], buffer), name
-            stats += name.endswith("running_var")
-    assert stats > 0  # the frozen BN statistics travelled with the export
+    # The run evaluated in bf16 under ZeRO-3, 4 pairs per rank and batch; the export, run in bf16 here on all 48 at
+    # once, must agree up to bf16 rounding, far below how the held-out pairs differ from each other. (Measured:
+    # 0.009 for images, 0.003 for texts; fp32 against bf16 is 0.3 and 0.09 on this barely trained model, whose
+    # pairs sit close together; misaligned rows give about 2.)
+    during = torch.load(full / "eval_embeddings.pt")
+    in_bf16 = brivl_ds.load_model(folder, dtype=torch.bfloat16)
+    for ours, theirs in ((in_bf16.embed_images(images, boxes), during["image"]),
+                         (in_bf16.embed_texts(texts), during["text"])):
+        assert relative_error_to_spread(ours, theirs) < 0.05, relative_error_to_spread(ours, theirs)
+    exported = brivl_ds.load_model(folder)
+    image, text = exported.embed_images(images, boxes), exported.embed_texts(texts)
+    eval_command(["--checkpoint", str(full / "checkpoints"), "--out", str(tmp_path / "eval.json"),
+                  "--save-embeddings", str(tmp_path / "offline.pt")])
+    offline = torch.load(tmp_path / "offline.pt")  # fp32 both, batched differently
+    torch.testing.assert_close(offline["image"], image, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(offline["text"], text, rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "eval.json").read_text()) == pytest.approx(
+        {**recall_at_k(image, text), "skipped_rows": 0.0})
