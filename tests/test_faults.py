@@ -13,6 +13,7 @@ import base64
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -88,8 +89,9 @@ def test_skipped_steps_failed_save_torn_checkpoint_crash_mid_step_and_consecutiv
     code, log, _ = deepspeed_launch("tiny", settings(tmp_path, shapes_data, "resilience.keep_last=3",
                                                      "drill.nonfinite_loss_at_step=4", "drill.nonfinite_loss_rank=1",
                                                      f"drill.poison_row={poisoned}", "drill.fail_save_at_step=6"))
-    # 1. two skipped steps, then a failed save stops the run
-    assert code != 0
+    # 1. two skipped steps, then a failed save stops the run: exit code 1 (every rank raises; the launchers pass
+    # a rank's code on)
+    assert code == 1, log[-3000:]
     assert "fault drill: rank 1 makes its loss NaN at step 4" in log and f"poisons row {poisoned}" in log
     assert f"rank 0: non-finite loss or key at step 5; rows of its batch: {rows_of_step(shapes_data, 5, 0)}" in log
     for step, count in ((4, 1), (5, 2)):
@@ -134,7 +136,7 @@ def test_skipped_steps_failed_save_torn_checkpoint_crash_mid_step_and_consecutiv
                                                      "resilience.max_consecutive_skips=3",
                                                      "drill.nonfinite_loss_at_step=6", "drill.nonfinite_loss_steps=3"))
     assert f"resumed from {ckpt}/step5 at step 5" in log
-    assert code != 0 and "stopping: 3 consecutive steps (up to step 8) had a non-finite loss" in log
+    assert code == 1 and "stopping: 3 consecutive steps (up to step 8) had a non-finite loss" in log
     assert "The last checkpoint, step7, is intact" in log
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step5", "step7"]
     assert [r["step"] for r in records(tmp_path)] == list(range(1, 9))  # each step once, over three restarts
@@ -147,7 +149,11 @@ def test_a_stalled_rank_is_named_and_the_job_stops(shapes_data, tmp_path):
                                                            "drill.stall_at_step=3", "drill.stall_rank=1"))
     assert "heartbeat @ step 1: 2 ranks alive; slowest rank" in log
     assert "fault drill: rank 1 stalls while waiting for the batch of step 3" in log
-    assert "ERROR: rank 1 stalled at step 3 in phase 'data'" in log
-    assert code != 0 and "exits with return code = 86" in log
+    # each rank prints its own diagnosis ("...; rank R has waited ..."), and both name rank 1
+    lines = {int(re.search(r"; rank (\d+) has waited", line)[1]): line
+             for line in log.splitlines() if line.startswith("ERROR: ")}
+    assert sorted(lines) == [0, 1], log[-3000:]
+    assert all(line.startswith("ERROR: rank 1 stalled at step 3 in phase 'data'") for line in lines.values()), lines
+    assert code == 86 and "exits with return code = 86" in log
     assert seconds < 240
 

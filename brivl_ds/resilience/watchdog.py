@@ -5,7 +5,9 @@ TCPStore rank 0 hosts for torch.distributed), where its main thread is: (step, p
 liveness stamp. A rank whose main thread makes no progress for `hang_timeout_s` (stuck in a reader, or blocked in
 a collective on a peer that is) reads every rank's record, names the culprit, prints it and exits: the launcher
 then stops the job, instead of 128 GPUs idling until the collective timeout. The culprit is the rank furthest
-behind (lowest step, then earliest phase), or one whose liveness stamp stopped (its process is gone).
+behind (lowest step, then earliest phase), or one whose liveness stamp stopped (its process is gone). The first
+rank to stop says so in the store: every other rank's watchdog then prints its own diagnosis and exits too, and the
+first waits (a few intervals at most) until they have, since the launcher kills the job as soon as one rank exits.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ import torch.distributed as dist
 
 PHASES = ("start", "data", "step", "save", "eval")  # order within a step: the earliest is furthest behind
 EXIT_STALLED = 86  # the process exit code of a rank stopped by the watchdog
+# A store counter of the ranks whose watchdog has printed its diagnosis and stops the job. torchrun's agent keeps
+# its store across restarts of the workers: the key is per attempt, so a restarted job does not stop at once.
+STOPPED = "brivl/stopped/attempt{}"
 
 
 def _store_client(timeout_s: float):
@@ -38,6 +43,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._store = None
+        self._stopped = STOPPED.format(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         self._thread = threading.Thread(target=self._run, name="brivl-watchdog", daemon=True)
 
     def start(self) -> "Watchdog":
@@ -76,14 +82,28 @@ class Watchdog:
         while not self._stop.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
+            peer_stopped = False
             try:
                 self._publish()
+                peer_stopped = self._store.check([self._stopped])  # another rank's watchdog stops the job
             except Exception:  # rank 0 (the store's host) is gone; the diagnosis below says so
                 pass
-            if time.monotonic() - self._progress > self.timeout:
+            if peer_stopped or time.monotonic() - self._progress > self.timeout:
                 print(f"ERROR: {self.diagnose()} (resilience.hang_timeout_s={self.timeout:g})", file=sys.stderr,
                       flush=True)
+                self._stop_job()
                 os._exit(EXIT_STALLED)  # the main thread is blocked; nothing else can stop it
+
+    def _stop_job(self) -> None:
+        """Say that this rank stops, then wait (3 intervals at most: a dead rank never answers) until every rank's
+        watchdog has printed its own diagnosis: each names the culprit before the launcher kills the job."""
+        try:
+            self._store.add(self._stopped, 1)
+            deadline = time.monotonic() + 3 * self.interval
+            while time.monotonic() < deadline and self._store.add(self._stopped, 0) < self.world:
+                time.sleep(0.1)
+        except Exception:  # the store's host is gone: nobody to wait for
+            pass
 
     # --------------------------------------------------------------------------------------------- the diagnosis
     def records(self) -> dict[int, dict | None]:
