@@ -172,13 +172,13 @@ class AdamWHalfStates(torch.optim.Optimizer):
         if not 0.0 <= lr:
             raise ValueError(f"invalid lr {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid betas {betas}")
+            raise ValueError(f"invalid betas {betas}: each must lie in [0, 1)")
         if not 0.0 <= eps:
             raise ValueError(f"invalid eps {eps}")
         if impl not in _dispatch.IMPLS:
-            raise ValueError(f"impl must be one of {_dispatch.IMPLS}")
+            raise ValueError(f"impl must be one of {_dispatch.IMPLS}, got {impl!r}")
         if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}")
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.impl, self.rounding, self.seed = impl, rounding, int(seed)
         self._streams = itertools.count()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
@@ -168,10 +168,12 @@ def test_undecodable_or_truncated_bytes_raise(cut):
     else:
         data = encode(photo(200, 150), "JPEG")
         data = data[: int(len(data) * cut)]
-    with pytest.raises(Exception):
+    # PIL's own errors (LOAD_TRUNCATED_IMAGES stays off): never a silently grey or partial image
+    with pytest.raises(UnidentifiedImageError if cut is None else OSError,
+                       match="cannot identify image file" if cut is None else "image file is truncated"):
         t(data, [], 0)
     png = encode(photo(200, 150))
-    with pytest.raises(Exception):
+    with pytest.raises(OSError, match="image file is truncated"):
         t(png[: len(png) // 2], [], 0)
 
 

@@ -138,11 +138,12 @@ def smoothed(losses, w=20):
 
 
 def test_tracks_fp32_adamw_on_a_small_training_run():
-    """Loss curves (20-step moving average) within 1 % of fp32 AdamW over 300 steps (measured: 0.03 %)."""
+    """Loss curves (20-step moving average) within 0.1 % of fp32 AdamW over 300 steps, the README's figure.
+    Measured 0.022 % here; 0.010-0.045 % over 18 (data seed, rounding seed) pairs (AMD EPYC, 2026-12-07)."""
     ref = smoothed(train(lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.01)))
     half = smoothed(train(lambda ps: AdamWHalfStates(ps, lr=3e-3, weight_decay=0.01, impl="reference")))
     assert ref[-1] < 0.5 * ref[0]  # it does train
-    assert ((half - ref).abs() / ref).max() < 0.01
+    assert ((half - ref).abs() / ref).max() < 0.001
 
 
 def test_interpreted_kernel_trains_like_the_reference(triton_device):
@@ -215,15 +216,16 @@ def test_closure_and_params_without_grad():
 
 
 def test_rejects_what_it_does_not_support():
-    with pytest.raises(TypeError):
-        p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
-        p.grad = torch.ones_like(p)
-        AdamWHalfStates([p], impl="reference").step()
-    with pytest.raises(ValueError):
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    p.grad = torch.ones_like(p)
+    opt = AdamWHalfStates([p], impl="reference")
+    with pytest.raises(TypeError, match="keeps fp32 master weights: parameters must be contiguous fp32"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"invalid betas \(1.0, 0.9\): each must lie in \[0, 1\)"):
         AdamWHalfStates([torch.nn.Parameter(torch.ones(1))], betas=(1.0, 0.9))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"rounding must be one of \('stochastic', 'nearest'\), got 'up'"):
         AdamWHalfStates([torch.nn.Parameter(torch.ones(1))], rounding="up")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'triton', 'reference'\), got 'cuda'"):
         AdamWHalfStates([torch.nn.Parameter(torch.ones(1))], impl="cuda")
 
 

@@ -230,13 +230,13 @@ def test_auto_falls_back_to_reference_on_cpu_without_interpreter(monkeypatch):
 
 def test_bad_inputs_are_rejected():
     q = torch.zeros(2, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"q and k must both be \[B, D\]; got \(2, 4\) and \(3, 4\)"):
         queue_contrastive_loss(q, torch.zeros(3, 4), torch.zeros(5, 4), torch.tensor(0.1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"queue must be \[K, D\] with D=4; got \(5, 3\)"):
         queue_contrastive_loss(q, q, torch.zeros(5, 3), torch.tensor(0.1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="tau must be a tensor with one element"):
         queue_contrastive_loss(q, q, torch.zeros(5, 4), torch.tensor([0.1, 0.2]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"queue_mask must be a bool tensor of shape \[K\]=5"):
         queue_contrastive_loss(q, q, torch.zeros(5, 4), torch.tensor(0.1), torch.ones(4, dtype=torch.bool))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'triton', 'reference'\), got 'cuda'"):
         queue_contrastive_loss(q, q, torch.zeros(5, 4), torch.tensor(0.1), impl="cuda")

@@ -104,17 +104,17 @@ def test_reference_path_on_plain_cpu():
 
 def test_bad_arguments():
     a, b = torch.zeros(4), torch.zeros(5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"online\[0\] has 5 elements, expected 4"):
         momentum_update_(a, b, 0.9)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 momentum buffers but 2 online buffers"):
         momentum_update_([a], [a, a], 0.9)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"m must lie in \[0, 1\], got 1.5"):
         momentum_update_(a, a, 1.5)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"momentum\[0\]: .* one dtype from \(torch.float32,\); got torch.float64"):
         momentum_update_(a.double(), a, 0.9)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"momentum_lowp\[0\]: .* from \(torch.bfloat16,\); got torch.float16"):
         momentum_update_(a, a, 0.9, momentum_lowp=torch.zeros(4, dtype=torch.float16))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"momentum\[0\] must be a contiguous 1-D tensor"):
         momentum_update_(torch.zeros(2, 2), torch.zeros(2, 2), 0.9)
 
 
