@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -151,6 +153,58 @@ def test_text_tower_loads_local_pretrained_weights(tmp_path):
     loaded = TextTower(cfg, 24, vocab_size=50)
     for (name, a), b in zip(tower.encoder.state_dict().items(), loaded.encoder.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def pretrained_encoder_and_tokenizers(tmp_path, text_cfg: TextTowerConfig):
+    """A local pretrained BERT with a 20-token embedding (save_pretrained), its own 20-token tokenizer, and a
+    31-token one: what a user pairs by mistake."""
+    from brivl_ds.data.tokenizer import write_char_tokenizer
+
+    torch.manual_seed(0)
+    TextTower(text_cfg, 24, vocab_size=20).encoder.save_pretrained(tmp_path / "enc")
+    write_char_tokenizer(["abcdefghijklmno"], tmp_path / "enc")  # 5 special tokens + 15 characters
+    return tmp_path / "enc", write_char_tokenizer(["abcdefghijklmnopqrstuvwxyz"], tmp_path / "big")
+
+
+def refusal(encoder) -> str:
+    return rf"the tokenizer has 31 tokens but {re.escape(str(encoder))} embeds only 20; use the tokenizer saved"
+
+
+def test_a_tokenizer_larger_than_the_pretrained_embedding_is_refused(tmp_path):
+    """Token ids past the embedding would fail mid-run (or read another row on a GPU): refused when the towers
+    are built from the files, as eval and export build them; the model's own tokenizer loads."""
+    from brivl_ds.data.tokenizer import load_tokenizer
+
+    cfg = small_model_config()
+    encoder, big = pretrained_encoder_and_tokenizers(tmp_path, cfg.text)
+    cfg.text.pretrained_path = str(encoder)
+    assert len(load_tokenizer(encoder)) == 20 and len(load_tokenizer(big)) == 31
+    assert BriVL(cfg, vocab_size=len(load_tokenizer(encoder))).text.encoder.config.vocab_size == 20
+    with pytest.raises(ValueError, match=refusal(encoder)):
+        BriVL(cfg, vocab_size=len(load_tokenizer(big)))
+
+
+def _start_trainer(rank, world, settings):
+    from brivl_ds.config import build_config
+    from brivl_ds.trainer import Trainer
+
+    cfg = build_config("tiny", settings)
+    with pytest.raises(ValueError, match=refusal(cfg.model.text.pretrained_path)):
+        Trainer(cfg)
+
+
+@pytest.mark.slow
+def test_the_trainer_refuses_a_tokenizer_larger_than_the_pretrained_embedding_at_start_up(shapes_data, tmp_path):
+    """The training path: the tokenizer from model.text.tokenizer_path, the encoder built under zero.Init (its
+    config read first, the weights later): refused before DeepSpeed starts, on one gloo rank."""
+    from brivl_ds.config import build_config
+    from conftest import run_distributed
+
+    encoder, big = pretrained_encoder_and_tokenizers(tmp_path, build_config("tiny").model.text)
+    run_distributed(_start_trainer, 1, [
+        f"model.text.pretrained_path={encoder}", f"model.text.tokenizer_path={big}", "model.image.image_size=64",
+        f"data.train_path={shapes_data['train']}", f"data.eval_path={shapes_data['eval']}", "data.num_workers=0",
+        f"train.output_dir={tmp_path / 'out'}", "train.progress_bar=false"])
 
 
 def test_image_tower_loads_local_timm_checkpoint(tmp_path):
