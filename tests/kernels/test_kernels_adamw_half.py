@@ -193,11 +193,13 @@ def test_one_launch_per_group(triton_device, monkeypatch):
 
     monkeypatch.setattr(mod, "_adamw_kernel", Counting())
     monkeypatch.setattr(mod._dispatch, "resolve", lambda impl, device, k: "triton")
-    params = [torch.nn.Parameter(torch.randn(n, device=triton_device)) for n in (10, 300, 7)]
+    params = [torch.nn.Parameter(torch.randn(n, device=triton_device)) for n in (10, 300, 7, 5)]
     for p in params:
         p.grad = torch.randn_like(p)
-    AdamWHalfStates(params).step()
-    assert len(launches) == 1
+    AdamWHalfStates(params[:3]).step()
+    assert len(launches) == 1  # one group of three tensors: one launch
+    AdamWHalfStates([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0}]).step()
+    assert len(launches) == 3  # two groups (the trainer's decay / no-decay): two launches
 
 
 def test_closure_and_params_without_grad():
