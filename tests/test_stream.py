@@ -299,3 +299,35 @@ def test_a_redeal_that_cannot_be_exact_is_refused_at_resume(stream_parts):
     other = make_stream(stream_parts, world=4)
     with pytest.raises(ValueError, match="same shards"):
         other.set_position(dataclasses.replace(state, fingerprint="0123456789abcdef"))
+
+
+def test_each_rank_and_worker_reads_only_the_row_groups_of_its_own_rows_once(stream_parts, tmp_path, monkeypatch):
+    """README: each rank and DataLoader worker reads only its own row groups, once per epoch. Every row-group read
+    is recorded (from the worker processes too: they fork with the patched reader): a rank's workers read exactly
+    the row groups that hold its rows, and no worker reads a row group twice."""
+    import os
+
+    from brivl_ds.data.stream import RowGroupReader
+
+    log = tmp_path / "reads.txt"
+    real_group = RowGroupReader._group
+
+    def recording(self, g):
+        if g not in self.cache:
+            with open(log, "a") as f:  # one short appended line per read: whole lines, whatever the process
+                f.write(f"{os.environ['TEST_RANK']} {os.getpid()} {g}\n")
+        return real_group(self, g)
+
+    monkeypatch.setattr(RowGroupReader, "_group", recording)
+    for rank in range(2):
+        monkeypatch.setenv("TEST_RANK", str(rank))
+        stream = make_stream(stream_parts, rank=rank, world=2, batch=8, block=16)
+        stream.start_epoch(0, num_workers=2)
+        starts = np.cumsum(stream.row_groups) - np.asarray(stream.row_groups)
+        own = {int(g) for b in stream.epoch_batches() for g in np.searchsorted(starts, b, side="right") - 1}
+        assert 1 < len(own) < len(stream.row_groups)  # a rank's span covers some of the row groups, not all
+        collect(stream, workers=2)
+        reads = [line.split() for line in log.read_text().splitlines() if line.split()[0] == str(rank)]
+        assert {int(g) for _, _, g in reads} == own, rank
+        per_worker = [(pid, g) for _, pid, g in reads]
+        assert len(per_worker) == len(set(per_worker)) and len({pid for pid, _ in per_worker}) == 2, rank
