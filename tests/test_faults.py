@@ -102,6 +102,15 @@ def test_skipped_steps_failed_save_torn_checkpoint_crash_mid_step_and_consecutiv
     assert [r["skipped_steps"] for r in steps] == [0, 0, 0, 1, 2, 2]
     assert steps[3]["loss"] is None and steps[4]["loss"] is None and steps[3]["grad_norm"] is None
     assert all(math.isfinite(r["loss"]) for r in steps if r["step"] not in (4, 5))
+    # the LR schedule holds on skipped steps: step 6 gets the LR step 4 would have had
+    assert steps[2]["lr"] == steps[3]["lr"] == steps[4]["lr"] != steps[5]["lr"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tb_loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(tb_loss) == [1, 2, 3, 4, 5, 6] and math.isnan(tb_loss[4]) and math.isnan(tb_loss[5])
+    assert [e.value for e in events.Scalars("train/skipped_steps")] == [0, 0, 0, 1, 2, 2]
     assert "saving checkpoint step6 failed on rank 0: [Errno 28] No space left on device" in log
     assert "the last complete checkpoint, step5, is intact" in log
     assert (ckpt / "latest").read_text().strip() == "step5"
