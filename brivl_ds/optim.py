@@ -30,9 +30,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.name == "adamw_half":
         import brivl_kernels
 
-        # Stochastic rounding of the bf16 moments: a different stream per rank (each rank owns other partitions).
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        return brivl_kernels.AdamWHalfStates(groups, seed=rank, **kwargs)
+        # Stochastic rounding of the bf16 moments: a stream per data-parallel rank (each owns other partitions).
+        # Not per global rank: the TP ranks of a group hold the same partition of every replicated parameter,
+        # with the same gradients, and must round it alike or their copies drift apart.
+        from brivl_ds.parallel.groups import data_parallel_rank
+
+        return brivl_kernels.AdamWHalfStates(groups, seed=data_parallel_rank(), **kwargs)
     raise ValueError(f"unknown optimizer {cfg.name!r}; choose adamw or adamw_half")
 
 
