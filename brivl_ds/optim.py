@@ -22,7 +22,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, dp_rank: int = 0) -> torch.optim.Optimizer:
+    """`dp_rank`: this process's data-parallel rank (seeds adamw_half's stochastic rounding)."""
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.name == "adamw":
@@ -33,9 +34,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         # Stochastic rounding of the bf16 moments: a stream per data-parallel rank (each owns other partitions).
         # Not per global rank: the TP ranks of a group hold the same partition of every replicated parameter,
         # with the same gradients, and must round it alike or their copies drift apart.
-        from brivl_ds.parallel.groups import data_parallel_rank
-
-        return brivl_kernels.AdamWHalfStates(groups, seed=data_parallel_rank(), **kwargs)
+        return brivl_kernels.AdamWHalfStates(groups, seed=dp_rank, **kwargs)
     raise ValueError(f"unknown optimizer {cfg.name!r}; choose adamw or adamw_half")
 
 

@@ -131,7 +131,7 @@ class Trainer:
             # attention dropout on a rank's own heads draws from a per-TP-rank stream; the rest from the shared one
             init_tensor_parallel_rng(cfg.train.seed, self.groups.tp_rank, self.info.device)
         apply_activation_checkpointing(model.online, cfg.model)  # the momentum forward keeps no graph
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, self.groups.dp_rank)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         check_batchnorm_precision(model, cfg, ds_config)
         # With TP, DeepSpeed needs the groups: ZeRO-3 then partitions each TP shard over its DP group only, and

@@ -5,7 +5,6 @@ to data-parallel group r % TP. ZeRO-3 partitions each TP shard over its data-par
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -26,14 +25,6 @@ def data_parallel_only() -> ParallelGroups:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     return ParallelGroups(tp=1, tp_rank=0, tp_group=None, dp=world, dp_rank=rank, dp_group=None)
-
-
-def data_parallel_rank() -> int:
-    """This process's data-parallel rank: megatron-core's once init_tensor_parallel made TP groups, else its rank."""
-    parallel_state = sys.modules.get("megatron.core.parallel_state")  # not imported without TP (it costs seconds)
-    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_data_parallel_rank()
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def init_tensor_parallel(tp: int) -> ParallelGroups:
