@@ -278,9 +278,11 @@ def test_bf16_service_equals_the_bf16_model_and_fp32_within_bf16_rounding(bf16_s
         got = torch.tensor([d["embedding"] for d in r.json()["data"]])
         # computed in bf16: every value is a bf16 number (fp32 towers would give one with probability 2^-16)
         assert torch.equal(got, got.bfloat16().float()), modality
-        # the in-process bf16 model on the same batch: identical here; a thread count that splits a reduction
-        # otherwise could flip a rounding upstream, so two bf16 ulps (2^-7 relative) and 2^-10 near zero
-        torch.testing.assert_close(got, embed(bf16_model), rtol=2 ** -7, atol=2 ** -10)
+        # the in-process bf16 model on the same batch: identical when both run with the same thread count, but
+        # bf16 CPU kernels block their reductions by thread count, and a rounding flipped early grows through the
+        # towers (up to 0.003 per entry seen when this process ran with another count); in L2 that stays far
+        # below the 0.08 between the two nearest different items
+        assert (got - embed(bf16_model)).norm(dim=1).max() < 0.02, modality
         # fp32 differs by bf16 rounding only: 8 significant bits (2^-9 = 0.2 % per rounding), two of them in the
         # norm alone, a few more through the towers: <= 1.1 % in L2 over the 48 shapes pairs (development machine);
         # 3 % bounds that on any CPU and stays below the 8 % between the nearest two different items
@@ -302,8 +304,8 @@ def test_an_image_over_max_image_bytes_is_refused_one_at_the_limit_is_served(bf1
     at, under, over = (padded_jpeg(jpeg, MAX_IMAGE_BYTES + d) for d in (0, -1, 1))
     r = post(url, "/v1/embeddings", {"input": [b64(at), b64(under)], "modality": "image"})
     assert r.status_code == 200, r.text
-    torch.testing.assert_close(torch.tensor([d["embedding"] for d in r.json()["data"]]),  # the same picture
-                               bf16_model.embed_images([jpeg, jpeg]), rtol=2 ** -7, atol=2 ** -10)  # as above
+    served = torch.tensor([d["embedding"] for d in r.json()["data"]])  # the same picture, as above
+    assert (served - bf16_model.embed_images([jpeg, jpeg])).norm(dim=1).max() < 0.02
     for encoded in (b64(over), "data:image/jpeg;base64," + b64(over)):
         r = post(url, "/v1/embeddings", {"input": [b64(at), encoded], "modality": "image"})
         assert r.status_code == 413, r.text

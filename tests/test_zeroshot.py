@@ -132,7 +132,10 @@ def reference_scores(image_emb, eval_rows, labels, weights, k):
     for r in eval_rows:
         logits = weights @ image_emb[r["id"]]
         order = np.argsort(-logits, kind="stable")
-        assert logits[order[0]] - logits[order[1]] > 1e-9  # no near-tie that fp32 rounding could flip
+        # no near-tie that another batch composition or CPU could flip (fp32 embeddings move by ~1e-7; the
+        # smallest gaps here are 2e-5)
+        assert logits[order[0]] - logits[order[1]] > 1e-5
+        assert k >= c or logits[order[k - 1]] - logits[order[k]] > 1e-5
         label = labels[r["id"]]
         confusion[label, order[0]] += 1
         top1 += order[0] == label
