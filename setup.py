@@ -21,6 +21,8 @@ setup(
         "brivl_ds.parallel",
         "brivl_ds.memory",
         "brivl_ds.resilience",
+        "brivl_ds.checkpointing",
+        "brivl_ds.training",
         "brivl_ds.serving",
         "brivl_kernels",
     ],

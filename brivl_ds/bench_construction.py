@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
 
-    from brivl_ds.checkpoint import gather_objects
+    from brivl_ds.distributed import gather_objects
     from brivl_ds.config import build_config
     from brivl_ds.distributed import init_distributed
     from brivl_ds.ds_config import load_ds_config

@@ -258,6 +258,25 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """The config `to_dict` wrote: the saved preset's defaults, then every saved value (fields added since
+        keep their preset defaults; fields since removed are ignored)."""
+        cfg = get_preset(values["preset"]) if "preset" in values else cls()
+        _fill(cfg, values)
+        return cfg
+
+    def validate(self) -> "Config":
+        """Refuse settings no run can use, before any process group or model exists."""
+        if self.parallel.sequence_parallel:
+            raise ValueError("parallel.sequence_parallel is not supported: DeepSpeed would not all-reduce the "
+                             "LayerNorm gradients of sequence-parallel regions")
+        if self.data.train_path is not None and self.model.text.tokenizer_path is None \
+                and self.model.text.pretrained_path is None:
+            raise ValueError("set model.text.tokenizer_path (a local Hugging Face tokenizer directory) "
+                             "when training on your own shards")
+        return self
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
 
@@ -376,6 +395,17 @@ def apply_override(cfg: Config, assignment: str) -> None:
         valid = ", ".join(f.name for f in dataclasses.fields(node))
         raise KeyError(f"unknown config field {key!r}; fields here: {valid}")
     setattr(node, leaf, _parse_value(text.strip(), hints[leaf]))
+
+
+def _fill(node: Any, values: dict[str, Any]) -> None:
+    """Copy a saved config dict onto a dataclass tree, section by section."""
+    for f in dataclasses.fields(node):
+        if f.name not in values:
+            continue
+        if dataclasses.is_dataclass(getattr(node, f.name)):
+            _fill(getattr(node, f.name), values[f.name])
+        else:
+            setattr(node, f.name, values[f.name])
 
 
 def build_config(preset: str, overrides: list[str] | None = None) -> Config:

@@ -20,55 +20,6 @@ import torch
 from brivl_ds.metrics import recall_at_k
 
 
-def load_online_model(checkpoint_dir: Path, tag: str | None):
-    """Rebuild the trained online towers from a DeepSpeed ZeRO-3 checkpoint in this single process."""
-    model, tokenizer, cfg = load_moco_model(checkpoint_dir, tag)
-    return model.online.eval(), tokenizer, cfg
-
-
-def load_moco_model(checkpoint_dir: Path, tag: str | None):
-    """The trained BriVLMoCo (online towers and temperature; momentum towers as built, not loaded), its tokenizer
-    and config, from a DeepSpeed ZeRO-3 checkpoint in this single process."""
-    from brivl_ds.checkpoint import latest_tag
-    from brivl_ds.config import Config, build_config
-    from brivl_ds.data.tokenizer import load_tokenizer
-    from brivl_ds.models.brivl import BriVL
-    from brivl_ds.moco.model import BriVLMoCo
-    from brivl_ds.parallel.consolidate import consolidate
-
-    tag = tag or latest_tag(checkpoint_dir)
-    if tag is None:
-        raise FileNotFoundError(f"no 'latest' file in {checkpoint_dir}; pass --tag")
-    states = sorted((checkpoint_dir / tag).glob("*model_states.pt"))
-    if not states:
-        raise FileNotFoundError(f"no DeepSpeed model states in {checkpoint_dir / tag}")
-    saved = torch.load(states[0], map_location="cpu", weights_only=False)["config"]
-    cfg: Config = build_config(saved["preset"])
-    _fill(cfg, saved)
-    tokenizer = load_tokenizer(cfg.model.text.tokenizer_path or cfg.model.text.pretrained_path)
-    model = BriVLMoCo(BriVL(cfg.model, vocab_size=len(tokenizer)), cfg.moco)
-    # ZeRO-3 shards of every data-parallel rank, and of every tensor-parallel rank put back together
-    state = consolidate(checkpoint_dir / tag, model, vocab_parallel=cfg.parallel.vocab_parallel)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("momentum.")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model, tokenizer, cfg
-
-
-def _fill(node, values: dict) -> None:
-    """Copy a saved config dict onto a dataclass tree."""
-    import dataclasses
-
-    for f in dataclasses.fields(node):
-        if f.name not in values:
-            continue
-        if dataclasses.is_dataclass(getattr(node, f.name)):
-            _fill(getattr(node, f.name), values[f.name])
-        else:
-            setattr(node, f.name, values[f.name])
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -94,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
         # One process, no process group: the consolidated fp32 model is evaluated directly.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         info = DistInfo(rank=0, world=1, local_rank=0, local_world=1, device=device)
+        from brivl_ds.checkpointing.trained import load_online_model
+
         model, tokenizer, cfg = load_online_model(args.checkpoint, args.tag)
         model.to(device)
         data = args.data or cfg.data.eval_path

@@ -10,7 +10,7 @@ The folder (read by `brivl_ds.load_model`, with no DeepSpeed engine and no proce
   export.json        where it came from: checkpoint, tag, dtype, the run's last evaluation if any, and the trained
                      temperature `tau` (the service's match probabilities are softmax(scores / tau))
 
-Checkpoints of any data-parallel and tensor-parallel size are read (parallel/consolidate.py).
+Checkpoints of any data-parallel and tensor-parallel size are read (checkpointing/consolidate.py).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def export(checkpoint_dir: Path, out: Path, tag: str | None = None, dtype: str = "fp32") -> Path:
-    from brivl_ds.eval import load_moco_model
+    from brivl_ds.checkpointing.trained import load_moco_model
 
     checkpoint_dir = Path(checkpoint_dir)
     moco, tokenizer, cfg = load_moco_model(checkpoint_dir, tag)
@@ -122,11 +122,7 @@ class ExportedModel:
 
 
 def _model_config(saved: dict) -> ModelConfig:
-    from brivl_ds.eval import _fill
-
-    cfg = Config()
-    _fill(cfg.model, saved)
-    return cfg.model
+    return Config.from_dict({"model": saved}).model
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",

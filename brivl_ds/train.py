@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import torch.distributed as dist
 
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     result = Trainer(cfg).fit()
     if dist.is_initialized():  # an orderly teardown (NCCL aborts its communicators here, on every rank)

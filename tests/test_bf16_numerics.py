@@ -101,7 +101,7 @@ def _worker(rank, world, data, out_dir):
     from deepspeed.utils import safe_get_full_fp32_param
     from torch.utils.data import DataLoader
 
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     runs, start = {}, None
     for recipe, (bf16, optimizer, steps) in RECIPES.items():

@@ -2,8 +2,8 @@
 (the launcher tests in test_faults.py drive the same code through DeepSpeed)."""
 import pytest
 
-from brivl_ds.checkpoint import latest_tag
-from brivl_ds.resilience.checkpoints import CheckpointStore, published_tags, sha256_of
+from brivl_ds.checkpointing.files import latest_tag
+from brivl_ds.checkpointing.store import CheckpointStore, published_tags, sha256_of
 
 
 def publish(store: CheckpointStore, tag: str, payload: bytes) -> None:

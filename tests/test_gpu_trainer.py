@@ -52,7 +52,7 @@ def _fused_equals_eager_worker(rank, world, settings, out_file):
     from brivl_ds.config import build_config
     from brivl_ds.moco.loss import moco_loss
     from brivl_ds.moco.model import run_moco
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     trainer = Trainer(build_config("paper-1b", settings))
     assert trainer.info.device.type == "cuda" and trainer.dtype == torch.bfloat16

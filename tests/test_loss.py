@@ -61,7 +61,7 @@ def test_moco_loss_pairs_each_query_with_the_other_modalitys_queue():
 def test_temperature_is_clamped_and_excluded_from_weight_decay():
     from brivl_ds.config import MocoConfig
     from brivl_ds.moco.model import BriVLMoCo
-    from brivl_ds.optim import param_groups
+    from brivl_ds.training.optim import param_groups
 
     from test_towers import small_model_config
     from brivl_ds.models.brivl import BriVL

@@ -95,7 +95,7 @@ class Collectives:
 def _worker(rank, world, data, out_dir, threshold, recipe):
     from torch.utils.data import DataLoader
 
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     cfg = make_config(data, out_dir)
     ds = json.loads(Path(cfg.train.ds_config).read_text())

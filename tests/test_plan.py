@@ -47,12 +47,12 @@ def _one_step(trainer):
 
 def _worker(rank, world, preset, settings, data, out_dir, tp, persistence, ds_config):
     """One real training step; then what it held and saved, next to what the planner predicts."""
-    import brivl_ds.trainer as trainer_module
+    import brivl_ds.training.trainer as trainer_module
     from brivl_ds.ds_config import load_ds_config
     from brivl_ds.memory.activations import ActivationModel, SavedForBackward
     from brivl_ds.memory.model_states import measure_model_states
     from brivl_ds.plan import Planner
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     real_run_moco, saved = trainer_module.run_moco, []
 

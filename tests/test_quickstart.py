@@ -328,7 +328,7 @@ def test_restart_after_a_kill_mid_save_gives_the_same_losses(full_run, converted
 
 def test_restart_cuts_metrics_back_to_the_checkpoint_and_drops_a_torn_record(tmp_path, capsys):
     """What a crash leaves behind: steps after the resumed checkpoint and a half-written last line."""
-    from brivl_ds.trainer import drop_metrics_after
+    from brivl_ds.training.metrics_log import drop_metrics_after
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')

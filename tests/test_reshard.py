@@ -1,4 +1,4 @@
-"""Resuming on another number of ranks (brivl_ds/resilience/reshard.py).
+"""Resuming on another number of ranks (brivl_ds/checkpointing/reshard.py).
 
 1. The resharding loader against DeepSpeed's own load, on the same 2 ranks, in the presets' recipe (bf16 weights,
    fp32 master, bf16 Adam moments of adamw_half, fp32 EMA copies, frozen layers, activation checkpointing, small
@@ -68,7 +68,8 @@ def _reshard_equals_deepspeed_load(rank, world, data, out_dir):
 
     from torch.utils.data import DataLoader
 
-    from brivl_ds.trainer import Position, Trainer
+    from brivl_ds.checkpointing.state import Position
+    from brivl_ds.training.trainer import Trainer
 
     out_dir = Path(out_dir)
     trainer = Trainer(_recipe(data, out_dir))

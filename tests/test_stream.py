@@ -222,7 +222,7 @@ def test_undecodable_rows_are_replaced_and_counted(stream_parts, tmp_path):
 
 
 def test_a_checkpoint_position_round_trips_and_an_old_mid_epoch_one_is_refused(stream_parts):
-    from brivl_ds.trainer import Position
+    from brivl_ds.checkpointing.state import Position
 
     stream = make_stream(stream_parts)
     stream.start_epoch(2, num_workers=3)

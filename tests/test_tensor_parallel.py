@@ -91,7 +91,7 @@ def _tp_worker(rank, world, pretrained_dir, backbone):
         else:
             assert p.grad is None, name
     # consolidation puts the TP shards back together by the same plan: every split style, EVA's vectors included
-    from brivl_ds.parallel.consolidate import merge_tp_shards
+    from brivl_ds.checkpointing.consolidate import merge_tp_shards
 
     shards = [None, None]
     local = {n: t.detach().float() for n, t in model.state_dict().items() if torch.is_tensor(t)}
@@ -101,7 +101,7 @@ def _tp_worker(rank, world, pretrained_dir, backbone):
         torch.testing.assert_close(merged[name], value.float(), rtol=0, atol=0, msg=name)
     frozen = {n for n, p in reference.named_parameters() if not p.requires_grad}
     # the trainer's per-step check that the TP ranks of a group were given the same batch
-    from brivl_ds.trainer import check_same_batch
+    from brivl_ds.parallel.groups import check_same_batch
 
     check_same_batch(batch, groups.tp_group, torch.device("cpu"))
     if rank == 1:
@@ -149,7 +149,7 @@ def _captured_core_outputs(model, batch) -> dict[str, torch.Tensor]:
 def _dropout_worker(rank, world):
     import torch.distributed as dist
 
-    from brivl_ds.checkpoint import rng_state, set_rng_state
+    from brivl_ds.checkpointing.rng import rng_state, set_rng_state
     from brivl_ds.models.brivl import BriVL
     from brivl_ds.parallel.groups import init_tensor_parallel
     from brivl_ds.parallel.rng import init_tensor_parallel_rng
@@ -296,7 +296,7 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
     from brivl_ds.data.tokenizer import load_tokenizer
     from brivl_ds.models.brivl import BriVL
     from brivl_ds.moco.model import BriVLMoCo
-    from brivl_ds.parallel.consolidate import consolidate
+    from brivl_ds.checkpointing.consolidate import consolidate
 
     cfg = build_config("tiny", ["model.image.image_size=64"])
     whole = BriVLMoCo(BriVL(cfg.model, vocab_size=len(load_tokenizer(shapes_data["tokenizer"]))), cfg.moco)
@@ -342,7 +342,7 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
 
 def test_sequence_parallel_is_refused_before_anything_starts():
     from brivl_ds.config import build_config
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     with pytest.raises(ValueError, match="sequence_parallel"):
         Trainer(build_config("tiny", ["parallel.sequence_parallel=true"]))

@@ -192,7 +192,7 @@ def test_a_tokenizer_larger_than_the_pretrained_embedding_is_refused(tmp_path):
 
 def _start_trainer(rank, world, settings):
     from brivl_ds.config import build_config
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     cfg = build_config("tiny", settings)
     with pytest.raises(ValueError, match=refusal(cfg.model.text.pretrained_path)):
@@ -254,7 +254,7 @@ def test_frozen_batchnorm_in_bf16_on_cuda():
 def test_batch_statistics_bn_is_refused_under_bf16_before_any_step():
     from brivl_ds.config import Config, MocoConfig
     from brivl_ds.moco.model import BriVLMoCo
-    from brivl_ds.trainer import check_batchnorm_precision
+    from brivl_ds.training.setup import check_batchnorm_precision
 
     cfg = Config(model=small_model_config("test_resnet"))
     cfg.model.image.frozen_bn_stats = False

@@ -62,8 +62,9 @@ def metric(out_dir, key):
 @pytest.mark.slow
 def test_paper_1b_bf16_tp2_matches_tp1_and_its_checkpoint_evaluates(shapes_data, pretrained_without_dropout,
                                                                      tmp_path):
-    from brivl_ds.eval import load_moco_model, main as eval_command
-    from brivl_ds.parallel.consolidate import _consolidate_mp_rank, consolidate, tp_layout
+    from brivl_ds.checkpointing.trained import load_moco_model
+    from brivl_ds.eval import main as eval_command
+    from brivl_ds.checkpointing.consolidate import _consolidate_mp_rank, consolidate, tp_layout
 
     tp1, tp2 = tmp_path / "tp1", tmp_path / "tp2"
     launch(tp1, shapes_data, pretrained_without_dropout, 1)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from brivl_ds.config import MocoConfig
 from brivl_ds.models.brivl import BriVL
 from brivl_ds.moco.model import BriVLMoCo
-from brivl_ds.parallel.consolidate import (ParamSplit, local_shape, merge_param, merge_tp_shards, split_param,
+from brivl_ds.checkpointing.consolidate import (ParamSplit, local_shape, merge_param, merge_tp_shards, split_param,
                                            tp_layout)
 from brivl_ds.parallel.tensor_parallel import parallelize
 from test_towers import small_model_config

@@ -13,7 +13,7 @@ WORLD, BATCH, ROWS = 2, 4, 24  # 3 steps per epoch
 
 
 def _epochs_worker(rank, world, data, out_dir):
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     cfg = make_config(data, out_dir)
     cfg.data.batch_size = BATCH

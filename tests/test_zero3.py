@@ -66,7 +66,7 @@ def _zero3_worker(rank, world, data, out_dir, kernels, checkpointed):
     import brivl_kernels
     from torch.utils.data import DataLoader
 
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     trainer = Trainer(make_config(data, out_dir, kernels, checkpointed))
     trainer.engine.train()
@@ -103,7 +103,7 @@ def plain_reference(cfg: Config, accum: int = 1) -> dict:
     from brivl_ds.moco.model import BriVLMoCo, run_moco
     from brivl_ds.moco.momentum import MomentumUpdater
     from brivl_ds.moco.queue import KeyQueue
-    from brivl_ds.optim import build_optimizer, build_scheduler
+    from brivl_ds.training.optim import build_optimizer, build_scheduler
 
     deepspeed.runtime.utils.set_random_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.text.tokenizer_path)
@@ -166,7 +166,7 @@ def _bf16_worker(rank, world, data, out_dir, recipe):
     from deepspeed.utils import safe_get_local_fp32_param
     from torch.utils.data import DataLoader
 
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     cfg = make_config(data, out_dir)
     ds = json.loads(open(cfg.train.ds_config).read())
@@ -228,7 +228,7 @@ ACCUM = 2
 def _accum_worker(rank, world, data, out_dir):
     from torch.utils.data import DataLoader
 
-    from brivl_ds.trainer import Trainer
+    from brivl_ds.training.trainer import Trainer
 
     cfg = make_config(data, out_dir)
     cfg.train.grad_accum_steps = ACCUM

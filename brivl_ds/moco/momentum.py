@@ -80,11 +80,21 @@ class MomentumUpdater:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        self.load_masters(self.masters_in(state))
+
+    @staticmethod
+    def masters_in(state: dict) -> list[torch.Tensor]:
+        """The fp32 copies in a saved `state_dict` (this rank's pieces; empty for fp32 runs)."""
+        return state.get("master", [])
+
+    @torch.no_grad()
+    def load_masters(self, masters: list[torch.Tensor]) -> None:
+        """Set the fp32 copies (this rank's pieces, in `pairs` order) and the low-precision shards from them."""
         if self.lowp is None:
             return
-        if len(state.get("master", [])) != len(self.master):
+        if len(masters) != len(self.master):
             raise ValueError("momentum checkpoint does not match this model (different parameter count)")
-        for dst, src, low in zip(self.master, state["master"], self.lowp):
+        for dst, src, low in zip(self.master, masters, self.lowp):
             dst.copy_(src)
             low.copy_(dst)
         self._refresh_persistent()

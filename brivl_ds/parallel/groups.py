@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -80,3 +81,15 @@ class DeepSpeedMPU:
 
     def get_pipeline_model_parallel_world_size(self) -> int:
         return 1
+
+
+def check_same_batch(batch, tp_group, device: torch.device) -> None:
+    """The TP ranks of one group must see the same samples (else the split layers mix different inputs): compare
+    a checksum of the raw batch (a models.brivl.Batch) over the group, one tiny all-gather per step (on the device:
+    NCCL groups on GPUs)."""
+    checksum = torch.stack([t.double().sum() for t in batch.tensors()]).to(device)
+    everyone = [torch.empty_like(checksum) for _ in range(torch.distributed.get_world_size(tp_group))]
+    torch.distributed.all_gather(everyone, checksum, group=tp_group)
+    if any(not torch.equal(everyone[0], other) for other in everyone[1:]):
+        raise RuntimeError("the tensor-parallel ranks of one group received different batches; the data must be "
+                           "split by data-parallel rank")

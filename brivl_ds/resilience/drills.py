@@ -12,7 +12,7 @@ import time
 import torch
 
 from brivl_ds.config import DrillConfig
-from brivl_ds.resilience.checkpoints import SaveFaults
+from brivl_ds.checkpointing.store import SaveFaults
 
 
 class Drills:

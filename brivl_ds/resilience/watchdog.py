@@ -11,12 +11,14 @@ first waits (a few intervals at most) until they have, since the launcher kills 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -72,6 +74,12 @@ class Watchdog:
         self.step, self.phase, self.since = step, phase, time.time()
         self._progress = time.monotonic()
         self._wake.set()
+
+    @contextlib.contextmanager
+    def phase(self, step: int, phase: str) -> Iterator[None]:
+        """The main thread works on `phase` of `step` inside the block (progress is stamped on entry)."""
+        self.beat(step, phase)
+        yield
 
     # ------------------------------------------------------------------------------------------------ the thread
     def _publish(self) -> None:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from brivl_ds.checkpoint import gather_objects, latest_tag
+from brivl_ds.checkpointing.files import latest_tag
+from brivl_ds.distributed import gather_objects
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"

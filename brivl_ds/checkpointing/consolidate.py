@@ -10,7 +10,6 @@ and `split_param` cuts the part of TP rank r of T from the full tensor; `merge_t
 """
 from __future__ import annotations
 
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from brivl_ds.checkpointing.files import as_tp_rank0, rank_files, tp_size
 from brivl_ds.parallel.plan import check_divisible, head_rows, padded_vocab, tensor_parallel_plan
-
-_MP_RANK = re.compile(r"_mp_rank_(\d+)_")
-
-
-def tp_size_of(checkpoint: Path) -> int:
-    ranks = {int(m.group(1)) for f in checkpoint.glob("*model_states.pt") if (m := _MP_RANK.search(f.name))}
-    return max(ranks) + 1 if ranks else 1
-
 
 def _consolidate_mp_rank(checkpoint: Path, mp_rank: int) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -34,8 +26,8 @@ def _consolidate_mp_rank(checkpoint: Path, mp_rank: int) -> dict[str, torch.Tens
     with tempfile.TemporaryDirectory() as tmp:
         view = Path(tmp) / checkpoint.name
         view.mkdir()
-        for f in checkpoint.glob(f"*_mp_rank_{mp_rank:02d}_*.pt"):
-            (view / f.name.replace(f"_mp_rank_{mp_rank:02d}_", "_mp_rank_00_")).symlink_to(f.resolve())
+        for f in rank_files(checkpoint, tp_rank=mp_rank):
+            (view / as_tp_rank0(f.path, mp_rank)).symlink_to(f.path.resolve())
         return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=checkpoint.name)
 
 
@@ -43,7 +35,7 @@ def consolidate(checkpoint: Path, whole_model: nn.Module, prefixes: tuple[str, .
                 vocab_parallel: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of `whole_model` (a BriVLMoCo built unsplit) from a TP checkpoint folder (one tag), written
     with `parallel.vocab_parallel` = `vocab_parallel`."""
-    tp = tp_size_of(checkpoint)
+    tp = tp_size(checkpoint)
     shards = [_consolidate_mp_rank(checkpoint, m) for m in range(tp)]
     return shards[0] if tp == 1 else merge_tp_shards(shards, whole_model, prefixes, vocab_parallel)
 

@@ -13,7 +13,7 @@ at a time, straight from the files the old ranks wrote (memory-mapped: a rank re
 Under ZeRO-3 a parameter of n elements is cut into world pieces of ceil(n / world) (the last one padded) and each
 rank's flat partition concatenates its pieces in parameter order, over all its sub-groups (param_shapes order). A
 TP-split parameter is first put back whole from the old TP ranks, then cut for this rank's TP position
-(parallel/consolidate.py's per-parameter merge and split).
+(checkpointing/consolidate.py's per-parameter merge and split).
 
 A checkpoint converted by DeepSpeed's `ds_to_universal` can be read too (`UniversalSource`): that is the
 independent reference the tests compare the direct path with.
@@ -21,34 +21,13 @@ independent reference the tests compare the direct path with.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
-
-
-def checkpoint_world(folder: Path) -> tuple[int, int]:
-    """(data-parallel, tensor-parallel) sizes a checkpoint was written with, from its file names."""
-    ranks = [(int(m.group(1)), int(m.group(2))) for f in Path(folder).iterdir() if (m := _FILE.search(f.name))
-             and m.group(3) == "model"]
-    if not ranks:
-        raise FileNotFoundError(f"no ZeRO-3 model states in {folder}")
-    return max(d for d, _ in ranks) + 1, max(t for _, t in ranks) + 1
-
-
-def _files(folder: Path, kind: str, mp_rank: int) -> list[Path]:
-    found = {}
-    for f in Path(folder).iterdir():
-        m = _FILE.search(f.name)
-        if m and m.group(3) == kind and int(m.group(2)) == mp_rank:
-            found[int(m.group(1))] = f
-    if sorted(found) != list(range(len(found))):
-        raise FileNotFoundError(f"{folder}: {kind} states of data-parallel ranks {sorted(found)}, not 0..n-1")
-    return [found[d] for d in range(len(found))]
-
+from brivl_ds.checkpointing.files import checkpoint_world, dp_rank_files
+from brivl_ds.checkpointing.state import saved_config, saved_momentum_masters
 
 def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -58,10 +37,10 @@ class ZeroShards:
     """One old TP rank's files of a ZeRO-3 checkpoint (any DP size): whole tensors per parameter, read lazily."""
 
     def __init__(self, folder: Path, mp_rank: int = 0, with_optimizer: bool = True):
-        self.models = [_load(f) for f in _files(folder, "model", mp_rank)]
+        self.models = [_load(f) for f in dp_rank_files(folder, "model", mp_rank)]
         self.dp = len(self.models)
         self.shapes = {k: v for group in self.models[0]["param_shapes"] for k, v in group.items()}
-        self.optims = [_load(f)["optimizer_state_dict"] for f in _files(folder, "optim", mp_rank)] \
+        self.optims = [_load(f)["optimizer_state_dict"] for f in dp_rank_files(folder, "optim", mp_rank)] \
             if with_optimizer else []
         # where each parameter's piece starts in a rank's flat partition (the same on every rank)
         self.offsets, offset = {}, 0
@@ -107,7 +86,7 @@ class UniversalSource:
         from deepspeed.utils import zero_to_fp32
 
         self.folder = Path(folder)
-        files = _files(folder, "model", 0)
+        files = dp_rank_files(folder, "model", 0)
         self.models = [_load(f) for f in files]
         self._whole: dict[str, torch.Tensor] = {}
         states = zero_to_fp32.parse_model_states([str(f) for f in files])
@@ -154,7 +133,7 @@ class Resharder:
     def sources(self, folder: Path) -> tuple[list, int, int]:
         folder = Path(folder)
         if (folder / "zero").is_dir():  # a DeepSpeed universal checkpoint
-            return [UniversalSource(folder)], len(_files(folder, "model", 0)), 1
+            return [UniversalSource(folder)], len(dp_rank_files(folder, "model", 0)), 1
         dp, tp = checkpoint_world(folder)
         return [ZeroShards(folder, m) for m in range(tp)], dp, tp
 
@@ -162,10 +141,10 @@ class Resharder:
         sources, old_dp, old_tp = self.sources(folder)
         tp, tp_rank = self.groups.tp, self.groups.tp_rank
         # the embedding's split is a setting of each run: merge by the old one, cut by ours
-        old_vocab_parallel = sources[0].models[0]["config"]["parallel"]["vocab_parallel"]
+        old_vocab_parallel = saved_config(sources[0].models[0])["parallel"]["vocab_parallel"]
         same_split = old_tp == tp and (tp == 1 or old_vocab_parallel == self.vocab_parallel)
         if not same_split:
-            from brivl_ds.parallel.consolidate import merge_param, split_param, tp_layout
+            from brivl_ds.checkpointing.consolidate import merge_param, split_param, tp_layout
 
             old_layout = tp_layout(self.whole_model_meta, vocab_parallel=old_vocab_parallel)
             new_layout = tp_layout(self.whole_model_meta, vocab_parallel=self.vocab_parallel)
@@ -228,7 +207,7 @@ class Resharder:
         for i, name in enumerate(momentum_names):
             def read(source, nm, i=i):
                 shape = source.models[0]["frozen_param_shapes"][nm]
-                pieces = [m["momentum_fp32"]["master"][i].reshape(-1) for m in source.models]
+                pieces = [saved_momentum_masters(m)[i].reshape(-1) for m in source.models]
                 return torch.cat(pieces)[:shape.numel()].view(shape)
             out.append(_piece(self._whole(read, name), params[name].ds_tensor.numel(), dp_rank).clone())
         return out

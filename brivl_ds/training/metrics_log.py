@@ -1,0 +1,72 @@
+"""What a run records, in one place: metrics.jsonl (every step), TensorBoard (every `log_every` steps), eval.json.
+
+After a resume, the steps logged past the checkpoint are about to be logged again: TensorBoard drops its events
+from that step on (`purge_step`) and metrics.jsonl is cut back, so each step appears once in both.
+Only rank 0 writes; on other ranks every call is a no-op.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+TENSORBOARD_TRAIN_KEYS = ("loss", "loss_i2t", "loss_t2i", "tau", "lr", "grad_norm", "samples_per_s", "step_time",
+                          "queue_fill", "skipped_rows", "skipped_steps")
+
+
+class MetricsLog:
+    def __init__(self, out_dir: Path, enabled: bool, log_every: int, resumed_at_step: int | None = None):
+        self.out_dir, self.enabled, self.log_every = Path(out_dir), enabled, log_every
+        self.jsonl = self.out_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            resumed = resumed_at_step is not None
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"),
+                                        purge_step=resumed_at_step + 1 if resumed else None)
+            if resumed:
+                drop_metrics_after(self.jsonl, resumed_at_step)
+
+    def train_step(self, step: int, epoch: int, stats: dict, force_tensorboard: bool = False) -> None:
+        """One optimizer step's record; TensorBoard gets every `log_every`-th step, the first, and forced ones
+        (skipped steps, so a NaN shows where it happened)."""
+        if not self.enabled:
+            return
+        record = {"step": step, "epoch": epoch, **stats}
+        # a skipped step's non-finite values are written as null (strict JSON has no NaN)
+        line = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if step % self.log_every == 0 or step == 1 or force_tensorboard:
+            for key in TENSORBOARD_TRAIN_KEYS:
+                self.writer.add_scalar(f"train/{key}", record[key], step)
+
+    def evaluation(self, step: int, result: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in result.items():
+            self.writer.add_scalar(f"eval/{key}", value, step)
+        (self.out_dir / "eval.json").write_text(json.dumps({"step": step, **result}, indent=1))
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl records of steps <= `step` (the resumed checkpoint's), rewritten atomically."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a record torn by the crash we are resuming from
+            print(f"{path}: dropped an unreadable record: {line[:80]!r}", flush=True)
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
