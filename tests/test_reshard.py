@@ -68,7 +68,7 @@ def _reshard_equals_deepspeed_load(rank, world, data, out_dir):
 
     from torch.utils.data import DataLoader
 
-    from brivl_ds.checkpointing.state import Position
+    from brivl_ds.checkpointing.files import checkpoint_world
     from brivl_ds.training.trainer import Trainer
 
     out_dir = Path(out_dir)
@@ -94,10 +94,7 @@ def _reshard_equals_deepspeed_load(rank, world, data, out_dir):
     assert expected["counters"][-1] == 3
     # the direct reader, forced: the same layout would take DeepSpeed's load
     direct = Trainer(_recipe(data, out_dir))
-    states, _ = direct._load_resharded(folder)
-    direct.image_queue.load_shards([s["image_queue"] for s in states])
-    direct.text_queue.load_shards([s["text_queue"] for s in states])
-    direct.pos = Position.from_dict(states[0]["position"])
+    direct.checkpointer._load_resharded(folder, direct.state, written_on=checkpoint_world(folder))
     # DeepSpeed's universal checkpoint, through the trainer's resume
     cfg = _recipe(data, out_dir)
     cfg.train.resume = str(out_dir / "universal" / "step3")

@@ -199,7 +199,7 @@ def _bf16_worker(rank, world, data, out_dir, recipe):
             assert torch.equal(low, now.bfloat16())  # the bf16 shard is the rounded fp32 EMA
 
     # a NaN loss on rank 1 (the fault drill) in this recipe: skipped on both ranks, nothing changes
-    trainer.drills.cfg.nonfinite_loss_at_step, trainer.drills.cfg.nonfinite_loss_rank = trainer.pos.step + 1, 1
+    trainer.hooks.cfg.nonfinite_loss_at_step, trainer.hooks.cfg.nonfinite_loss_rank = trainer.pos.step + 1, 1
     opt = trainer.engine.optimizer
     before = [t.clone() for t in (*opt.fp32_partitioned_groups_flat, *ema.master, trainer.image_queue.keys)]
     moments = [opt.optimizer.state[f][k].clone() for f in opt.fp32_partitioned_groups_flat

@@ -40,7 +40,7 @@ class Watchdog:
     def __init__(self, rank: int, world: int, hang_timeout_s: float, interval_s: float | None = None):
         self.rank, self.world, self.timeout = rank, world, hang_timeout_s
         self.interval = interval_s or max(0.5, min(2.0, hang_timeout_s / 10))
-        self.step, self.phase, self.since = 0, "start", time.time()
+        self.step, self.current_phase, self.since = 0, "start", time.time()
         self._progress = time.monotonic()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -71,7 +71,7 @@ class Watchdog:
 
     def beat(self, step: int, phase: str) -> None:
         """The main thread reached `phase` of `step` (cheap: the thread publishes it)."""
-        self.step, self.phase, self.since = step, phase, time.time()
+        self.step, self.current_phase, self.since = step, phase, time.time()
         self._progress = time.monotonic()
         self._wake.set()
 
@@ -83,7 +83,7 @@ class Watchdog:
 
     # ------------------------------------------------------------------------------------------------ the thread
     def _publish(self) -> None:
-        record = {"step": self.step, "phase": self.phase, "since": self.since, "alive": time.time()}
+        record = {"step": self.step, "phase": self.current_phase, "since": self.since, "alive": time.time()}
         self._store.set(f"brivl/heartbeat/{self.rank}", json.dumps(record))
 
     def _run(self) -> None:
@@ -125,7 +125,7 @@ class Watchdog:
     def diagnose(self, settle: bool = False) -> str:
         """Which rank holds the job up, and where: a sentence for the on-call engineer. `settle`: right after a
         failed collective, watch the liveness stamps for a few intervals to tell a dead peer from a slow one."""
-        here = f"rank {self.rank} has waited {time.time() - self.since:.0f} s at step {self.step} ({self.phase})"
+        here = f"rank {self.rank} has waited {time.time() - self.since:.0f} s at step {self.step} ({self.current_phase})"
         try:
             records = self.records()
             if settle:
