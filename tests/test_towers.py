@@ -287,7 +287,7 @@ def test_eva_patch_tokens_become_the_feature_map():
     """An EVA-02 backbone (RoPE, SwiGLU): patch (i, j) at feature-map cell (i, j), the tower runs end to end with
     gradients. (Its tensor-parallel split: tests/test_tensor_parallel.py.)"""
     from brivl_ds.models.image_tower import feature_map
-    from brivl_ds.parallel.plan import local_numels
+    from brivl_ds.parallel.tp_plan import local_numels
 
     torch.manual_seed(0)
     cfg = small_model_config("eva02_tiny_patch14_224")
@@ -310,7 +310,7 @@ def test_eva_patch_tokens_become_the_feature_map():
 def test_eva02_scale_mlp_is_refused_at_tp2_not_silently_replicated():
     """EVA-02 B/L normalise the MLP's hidden features (scale_mlp): a norm over features TP would split. TP = 1
     is fine; TP = 2 is refused with the reason, before anything is built or launched."""
-    from brivl_ds.parallel.plan import local_numels
+    from brivl_ds.parallel.tp_plan import local_numels
 
     cfg = small_model_config("eva02_base_patch14_224")
     cfg.image.image_size, cfg.image.backbone_depth = 56, 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from brivl_ds.parallel.plan import check_divisible, head_rows, padded_vocab, tensor_parallel_plan
+from brivl_ds.parallel.tp_plan import check_divisible, head_rows, padded_vocab, tensor_parallel_plan
 
 _MP_RANK = re.compile(r"_mp_rank_(\d+)_")
 
