@@ -1,11 +1,12 @@
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from brivl_ds.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from brivl_ds.models.batchnorm import FrozenStatistics, freeze_batchnorm_statistics
-from brivl_ds.models.brivl import Batch, BriVL
+from brivl_ds.models.brivl import IMAGENET_MEAN, IMAGENET_STD, Batch, BriVL, normalize_images
 from brivl_ds.models.image_tower import ImageTower
 from brivl_ds.models.text_tower import TextTower
 
@@ -320,3 +321,20 @@ def test_eva02_scale_mlp_is_refused_at_tp2_not_silently_replicated():
     local_numels(model, 1)
     with pytest.raises(ValueError, match="blocks.0: tensor parallelism cannot split .*scale_mlp"):
         local_numels(model, 2)
+
+
+def test_normalize_images_and_batch_to():
+    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (images.float() / 255 - mean) / std
+    assert torch.allclose(normalize_images(images, torch.float32), expected, atol=1e-6)
+    assert normalize_images(images, torch.bfloat16).dtype == torch.bfloat16
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    assert normalize_images(channels_last, torch.float32).is_contiguous()
+    rest = (torch.zeros(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 3, dtype=torch.long),
+            torch.ones(2, 3))
+    moved = Batch(images, *rest).to("cpu", torch.float32)
+    assert moved.images.dtype == torch.float32 and torch.allclose(moved.images, expected, atol=1e-6)
+    floats = torch.randn(2, 3, 8, 8)
+    assert torch.equal(Batch(floats, *rest).to("cpu", torch.float32).images, floats)  # float images: unchanged
+    assert Batch(floats, *rest).to("cpu", torch.bfloat16).images.dtype == torch.bfloat16

@@ -7,9 +7,19 @@ import torch
 from torch import nn
 
 from brivl_ds.config import ModelConfig
-from brivl_ds.data.transforms import normalize_images
 from brivl_ds.models.image_tower import ImageTower
 from brivl_ds.models.text_tower import TextTower
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> (x / 255 - mean) / std in float32, then cast to `dtype`; contiguous NCHW."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    x = images.float().div_(255).sub_(mean).div_(std)
+    return x.to(dtype or torch.float32, memory_format=torch.contiguous_format)
 
 
 @dataclass
