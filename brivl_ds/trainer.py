@@ -35,7 +35,7 @@ from brivl_ds.ds_config import load_ds_config
 from brivl_ds.evaluation import evaluate_retrieval
 from brivl_ds.models.brivl import Batch
 from brivl_ds.moco.loss import moco_loss
-from brivl_ds.models.checkpointing import apply_activation_checkpointing
+from brivl_ds.parallel.activation_checkpointing import apply_activation_checkpointing
 from brivl_ds.models.partitioned import partitioned_construction
 from brivl_ds.moco.model import BriVLMoCo, build_brivl_moco, run_moco
 from brivl_ds.moco.momentum import MomentumUpdater

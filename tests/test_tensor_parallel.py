@@ -211,7 +211,7 @@ def _dropout_worker(rank, world):
     assert not all(torch.equal(first[c], fresh[c]) for c in first)
 
     # activation checkpointing: the recompute must draw the per-TP-rank masks its forward drew
-    from brivl_ds.models.checkpointing import apply_activation_checkpointing
+    from brivl_ds.parallel.activation_checkpointing import apply_activation_checkpointing
 
     cfg.image.grad_checkpointing = cfg.text.grad_checkpointing = True
     grads = []
