@@ -36,8 +36,9 @@ from brivl_ds.evaluation import evaluate_retrieval
 from brivl_ds.models.brivl import Batch
 from brivl_ds.moco.loss import moco_loss
 from brivl_ds.parallel.activation_checkpointing import apply_activation_checkpointing
-from brivl_ds.models.partitioned import partitioned_construction
-from brivl_ds.moco.model import BriVLMoCo, build_brivl_moco, run_moco
+from brivl_ds.construction.towers import build_brivl_moco
+from brivl_ds.construction.zero_init import partitioned_construction
+from brivl_ds.moco.model import BriVLMoCo, run_moco
 from brivl_ds.moco.momentum import MomentumUpdater
 from brivl_ds.moco.queue import KeyQueue
 from brivl_ds.optim import build_optimizer, build_scheduler
