@@ -19,6 +19,7 @@ setup(
         "brivl_ds.moco",
         "brivl_ds.data",
         "brivl_ds.parallel",
+        "brivl_ds.construction",
         "brivl_ds.memory",
         "brivl_ds.resilience",
         "brivl_ds.checkpointing",
@@ -31,7 +32,7 @@ setup(
         "torch>=2.4",
         "torchvision",
         "deepspeed>=0.19.3",  # ZeRO-3 with frozen parameters inside checkpointed blocks (DeepSpeed PR 8148)
-        "transformers>=5.23",  # the per-module init replay (models/partitioned.py) uses transformers 5's init API
+        "transformers>=5.23",  # the per-module init replay (construction/init_replay.py) uses transformers 5's init API
         "timm>=1.0",
         "megatron-core>=0.12",
         "pyarrow>=15",

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     from brivl_ds.config import build_config
     from brivl_ds.distributed import init_distributed
     from brivl_ds.ds_config import load_ds_config
-    from brivl_ds.models.partitioned import is_partitioned, partitioned_construction
-    from brivl_ds.moco.model import build_brivl_moco
+    from brivl_ds.construction.towers import build_brivl_moco
+    from brivl_ds.construction.zero_init import partitioned_construction
+    from brivl_ds.parallel.zero import is_partitioned
     from brivl_ds.presets import CHINESE_ROBERTA_VOCAB
 
     cfg = build_config(args.preset, args.overrides)

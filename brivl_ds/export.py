@@ -109,7 +109,7 @@ class ExportedModel:
     @torch.no_grad()
     def embed_prepared(self, prepared: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """Unit-norm image embeddings [N, D] (fp32) of `prepare_image` outputs."""
-        from brivl_ds.data.transforms import normalize_images
+        from brivl_ds.models.brivl import normalize_images
 
         pixels, box, mask = (torch.stack([s[k] for s in prepared]).to(self.device) for k in range(3))
         return self.towers.image(normalize_images(pixels, self.dtype), box, mask).float()

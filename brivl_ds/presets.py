@@ -34,7 +34,7 @@ def tensor_parallel_report(preset: str, overrides: list[str] | None = None, voca
     """Parameters one TP rank holds of each online tower (the momentum copy holds the same again) at each TP size,
     exactly from the split plan; ZeRO-3 then divides each by the data-parallel size. A size the heads do not
     divide maps to the reason."""
-    from brivl_ds.parallel.plan import parameters_per_tp_rank
+    from brivl_ds.parallel.tp_plan import parameters_per_tp_rank
 
     cfg = build_config(preset, overrides)
     with torch.device("meta"):

@@ -1,9 +1,9 @@
 """Partitioned construction (deepspeed.zero.Init over 2 gloo ranks) against the plain build from the same seed.
 
 timm and Hugging Face initialise by recursing over a finished model, which under zero.Init writes into empty
-tensors; models/partitioned.py defers and replays that per module. The reference is the plain, whole build in the
-same process: every parameter (online and momentum, gathered) and buffer must be equal, the generator must end in
-the same state, and each rank must hold only its partition.
+tensors; construction/init_replay.py defers and replays that per module. The reference is the plain, whole build in
+the same process: every parameter (online and momentum, gathered) and buffer must be equal, the generator must end
+in the same state, and each rank must hold only its partition.
 """
 import pytest
 import torch
@@ -33,8 +33,8 @@ def _ds_config(bf16: bool) -> dict:
 
 
 def _build(cfg, vocab, ds_config):
-    from brivl_ds.models.partitioned import partitioned_construction
-    from brivl_ds.moco.model import build_brivl_moco
+    from brivl_ds.construction.towers import build_brivl_moco
+    from brivl_ds.construction.zero_init import partitioned_construction
 
     torch.manual_seed(0)
     construct = (lambda: partitioned_construction(ds_config)) if ds_config else None
@@ -46,7 +46,7 @@ def _build(cfg, vocab, ds_config):
 def _compare(rank, name, partitioned, plain, rng, dtype):
     import torch.distributed as dist
 
-    from brivl_ds.models.partitioned import gathered, is_partitioned
+    from brivl_ds.parallel.zero import gathered, is_partitioned
 
     zero_model, zero_rng = partitioned
     plain_model, plain_rng = plain
@@ -125,7 +125,7 @@ def test_zero_init_build_equals_the_plain_build(tmp_path):
 
 def test_pretrained_files_must_cover_the_model(tmp_path):
     """A checkpoint that lacks some of the model's tensors is an error naming them, not a silent random init."""
-    from brivl_ds.models.partitioned import load_pretrained
+    from brivl_ds.construction.pretrained import load_pretrained
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     torch.save({"0.weight": torch.ones(4, 3), "0.bias": torch.ones(4), "extra": torch.ones(1)}, tmp_path / "w.pth")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from brivl_ds.config import AugmentConfig
-from brivl_ds.data import plan
+from brivl_ds.data import epoch_layout
 from brivl_ds.data.dataset import Collator
 from brivl_ds.data.shards import Row, shard_index, write_shards
 from brivl_ds.data.stream import ShardStream, StreamState
@@ -31,9 +31,9 @@ def test_every_row_is_read_once_per_epoch_by_exactly_one_rank(sizes, world, batc
     total = int(sizes.sum())
     per_rank = []
     for rank in range(world):
-        layout = plan.Layout(world, rank, batch, block, streams, seed=7)
-        per_rank.append(plan.rank_batches(sizes, epoch, layout))
-    steps = plan.batches_per_epoch(total, world, batch)
+        layout = epoch_layout.Layout(world, rank, batch, block, streams, seed=7)
+        per_rank.append(epoch_layout.rank_batches(sizes, epoch, layout))
+    steps = epoch_layout.batches_per_epoch(total, world, batch)
     assert all(b.shape == (steps, batch) for b in per_rank)  # every rank steps together
     rows = np.concatenate([b.ravel() for b in per_rank])
     assert len(np.unique(rows)) == len(rows)  # no overlap
@@ -44,7 +44,7 @@ def test_every_row_is_read_once_per_epoch_by_exactly_one_rank(sizes, world, batc
 @settings(max_examples=40, deadline=None)
 @given(num_batches=st.integers(0, 50), start=st.integers(0, 50), workers=st.integers(1, 6))
 def test_workers_split_the_remaining_batches_in_dataloader_order(num_batches, start, workers):
-    per_worker = [list(plan.worker_positions(num_batches, start, w, workers)) for w in range(workers)]
+    per_worker = [list(epoch_layout.worker_positions(num_batches, start, w, workers)) for w in range(workers)]
     # PyTorch's DataLoader takes one batch from each worker in turn; workers that run out are the last ones.
     order = [p for i in range(max(map(len, per_worker))) for w in per_worker if i < len(w) for p in [w[i]]]
     assert order == list(range(start, num_batches))
@@ -54,7 +54,7 @@ def test_order_is_a_function_of_seed_and_epoch():
     sizes = np.array([30, 7, 25, 40, 12])
 
     def batches(seed, epoch):
-        return plan.rank_batches(sizes, epoch, plan.Layout(2, 1, 4, 16, 2, seed))
+        return epoch_layout.rank_batches(sizes, epoch, epoch_layout.Layout(2, 1, 4, 16, 2, seed))
 
     # every rank and DataLoader worker computes the order on its own, whatever its global RNGs went through
     # (seeded per rank, advanced by augmentations): the order must not read them
@@ -90,13 +90,14 @@ def test_order_is_a_function_of_seed_and_epoch():
 ])
 def test_an_epoch_that_is_not_redealt_keeps_its_order_bit_for_bit(sizes, world, rank, batch, block, streams, seed,
                                                                   epoch, shape, digest):
-    got = plan.rank_batches(np.array(sizes), epoch, plan.Layout(world, rank, batch, block, streams, seed))
+    got = epoch_layout.rank_batches(np.array(sizes), epoch,
+                                    epoch_layout.Layout(world, rank, batch, block, streams, seed))
     assert got.shape == shape and hashlib.sha256(got.astype(np.int64).tobytes()).hexdigest()[:16] == digest
 
 
-def epoch_rows(sizes, epoch, first: plan.Deal, seed):
+def epoch_rows(sizes, epoch, first: epoch_layout.Deal, seed):
     """Row ids of an epoch as its first deal lays it out, every rank."""
-    return [r for rank in range(first.world) for b in plan.deal_batches(sizes, epoch, seed, [first], rank)
+    return [r for rank in range(first.world) for b in epoch_layout.deal_batches(sizes, epoch, seed, [first], rank)
             for r in b.tolist()]
 
 
@@ -108,16 +109,16 @@ def test_redeals_hand_out_every_row_of_the_epoch_once(sizes, epoch, chain):
     """A chain of deals (world, batch, streams, block; the fraction of its batches consumed before the next one):
     rows consumed under each deal, plus all of the last one's, are the first deal's epoch, each once."""
     sizes, seed = np.array(sizes), 5
-    expected = epoch_rows(sizes, epoch, plan.Deal(*chain[0][:4]), seed)
+    expected = epoch_rows(sizes, epoch, epoch_layout.Deal(*chain[0][:4]), seed)
     deals, seen = [], []
     for i, (world, batch, streams, block, fraction) in enumerate(chain):
-        deal, left = plan.Deal(world, batch, streams, block), len(expected) - len(seen)
+        deal, left = epoch_layout.Deal(world, batch, streams, block), len(expected) - len(seen)
         try:
-            per_rank = [plan.deal_batches(sizes, epoch, seed, deals + [deal], r) for r in range(world)]
+            per_rank = [epoch_layout.deal_batches(sizes, epoch, seed, deals + [deal], r) for r in range(world)]
         except ValueError as err:  # refused only when the last global batch would leave a rank without a row
             assert 0 < left % (world * batch) < world and "World sizes that work" in str(err)
             return
-        n = plan.deal_batches_per_rank(int(sizes.sum()), epoch, seed, deals + [deal])
+        n = epoch_layout.deal_batches_per_rank(int(sizes.sum()), epoch, seed, deals + [deal])
         assert all(len(b) == n for b in per_rank)  # ranks step together
         lengths = np.array([[len(x) for x in b] for b in per_rank]).reshape(world, n)
         assert (lengths[:, :-1] == batch).all() and (lengths >= 1).all() and (lengths <= batch).all()
@@ -125,20 +126,23 @@ def test_redeals_hand_out_every_row_of_the_epoch_once(sizes, epoch, chain):
         consumed = n if i == len(chain) - 1 else int(fraction * n)
         seen += [r for b in per_rank for x in b[:consumed] for r in x.tolist()]
         deals.append(dataclasses.replace(deal, consumed=consumed))
-        left_rows = plan.rows_at(sizes, epoch, seed, plan.expand(plan.remaining(int(sizes.sum()), epoch, seed, deals)))
+        remainder = epoch_layout.expand(epoch_layout.remaining(int(sizes.sum()), epoch, seed, deals))
+        left_rows = epoch_layout.rows_at(sizes, epoch, seed, remainder)
         assert sorted(left_rows.tolist()) == sorted(set(expected) - set(seen))
     assert len(seen) == len(set(seen)) and sorted(seen) == sorted(expected)
 
 
 def test_a_world_size_that_cannot_be_dealt_is_refused_naming_those_that_can():
     sizes, seed = np.array([60, 80, 50, 66]), 1  # 256 rows: 2 ranks x 7 keep 252, 18 batches a rank
-    before = plan.Deal(2, 7, 2, 16, consumed=5)  # 252 - 70 = 182 rows left; 4 x 9 leaves 182 % 36 = 2 rows < 4 ranks
+    # 252 - 70 = 182 rows left; 4 x 9 leaves 182 % 36 = 2 rows < 4 ranks
+    before = epoch_layout.Deal(2, 7, 2, 16, consumed=5)
     with pytest.raises(ValueError, match=r"182 rows left .* 4 ranks x 9 .* World sizes that work .*: \[(.*)\]") as err:
-        plan.deal_batches_per_rank(256, 0, seed, [before, plan.Deal(4, 9)])
+        epoch_layout.deal_batches_per_rank(256, 0, seed, [before, epoch_layout.Deal(4, 9)])
     fits = [int(w) for w in err.value.args[0].split("[")[1].split("]")[0].split(", ")]
     assert 3 in fits and 4 not in fits and 5 not in fits  # 182 % 45 = 2 < 5 too
     for world in fits:  # and those do deal
-        assert plan.deal_batches_per_rank(256, 0, seed, [before, plan.Deal(world, 9)]) == -(-182 // (9 * world))
+        assert epoch_layout.deal_batches_per_rank(256, 0, seed, [before, epoch_layout.Deal(world, 9)]) == \
+            -(-182 // (9 * world))
 
 
 # --------------------------------------------------------------------------------------------------------- real shards
@@ -267,7 +271,7 @@ def train_ranks(parts, world, batch, checkpoint, batches=None, workers=1, block=
 ], ids=["4to2", "2to4", "batch8to16", "4to2to2to3"])
 def test_resumes_on_other_world_sizes_mid_epoch_train_on_each_row_once(stream_parts, runs):
     (world, batch, block, _), seen, checkpoint = runs[0], [], None
-    expected = epoch_rows(make_stream(stream_parts).row_groups, 1, plan.Deal(world, batch, 1, block), seed=11)
+    expected = epoch_rows(make_stream(stream_parts).row_groups, 1, epoch_layout.Deal(world, batch, 1, block), seed=11)
     for world, batch, block, batches in runs:
         rows, checkpoint = train_ranks(stream_parts, world, batch, checkpoint, batches, block=block)
         seen += rows

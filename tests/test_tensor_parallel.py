@@ -40,7 +40,7 @@ def _tp_worker(rank, world, pretrained_dir, backbone):
 
     from brivl_ds.models.brivl import BriVL
     from brivl_ds.parallel.groups import init_tensor_parallel
-    from brivl_ds.parallel.plan import parameters_per_tp_rank
+    from brivl_ds.parallel.tp_plan import parameters_per_tp_rank
     from brivl_ds.parallel.rng import init_tensor_parallel_rng
     from brivl_ds.parallel.tensor_parallel import parallelize_towers
 
@@ -211,7 +211,7 @@ def _dropout_worker(rank, world):
     assert not all(torch.equal(first[c], fresh[c]) for c in first)
 
     # activation checkpointing: the recompute must draw the per-TP-rank masks its forward drew
-    from brivl_ds.models.checkpointing import apply_activation_checkpointing
+    from brivl_ds.parallel.activation_checkpointing import apply_activation_checkpointing
 
     cfg.image.grad_checkpointing = cfg.text.grad_checkpointing = True
     grads = []
@@ -239,7 +239,7 @@ def test_split_activations_get_per_rank_dropout_masks_and_resume_exactly():
 
 
 def test_heads_must_split_over_tp():
-    from brivl_ds.parallel.plan import head_rows
+    from brivl_ds.parallel.tp_plan import head_rows
 
     assert head_rows(8, 4, 2, 1, fused=3).tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
     with pytest.raises(ValueError, match="heads % TP"):
@@ -361,7 +361,7 @@ def test_vit_blocks_that_cannot_split_are_refused_at_tp2(change, reason):
     import timm
     from timm.models.vision_transformer import Attention
 
-    from brivl_ds.parallel.plan import check_backbone_splits
+    from brivl_ds.parallel.tp_plan import check_backbone_splits
 
     def vit(**kwargs):
         return timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=0, device="meta", **kwargs)
@@ -380,7 +380,7 @@ def test_vit_blocks_that_cannot_split_are_refused_at_tp2(change, reason):
 def test_per_depth_mixed_rope_is_refused_at_tp2():
     import timm
 
-    from brivl_ds.parallel.plan import check_backbone_splits
+    from brivl_ds.parallel.tp_plan import check_backbone_splits
 
     backbone = timm.create_model("vit_small_patch16_rope_mixed_224", depth=1, num_classes=0, device="meta")
     check_backbone_splits(backbone, 1)

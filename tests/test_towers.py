@@ -1,11 +1,12 @@
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from brivl_ds.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from brivl_ds.models.batchnorm import FrozenStatistics, freeze_batchnorm_statistics
-from brivl_ds.models.brivl import Batch, BriVL
+from brivl_ds.models.brivl import IMAGENET_MEAN, IMAGENET_STD, Batch, BriVL, normalize_images
 from brivl_ds.models.image_tower import ImageTower
 from brivl_ds.models.text_tower import TextTower
 
@@ -287,7 +288,7 @@ def test_eva_patch_tokens_become_the_feature_map():
     """An EVA-02 backbone (RoPE, SwiGLU): patch (i, j) at feature-map cell (i, j), the tower runs end to end with
     gradients. (Its tensor-parallel split: tests/test_tensor_parallel.py.)"""
     from brivl_ds.models.image_tower import feature_map
-    from brivl_ds.parallel.plan import local_numels
+    from brivl_ds.parallel.tp_plan import local_numels
 
     torch.manual_seed(0)
     cfg = small_model_config("eva02_tiny_patch14_224")
@@ -310,7 +311,7 @@ def test_eva_patch_tokens_become_the_feature_map():
 def test_eva02_scale_mlp_is_refused_at_tp2_not_silently_replicated():
     """EVA-02 B/L normalise the MLP's hidden features (scale_mlp): a norm over features TP would split. TP = 1
     is fine; TP = 2 is refused with the reason, before anything is built or launched."""
-    from brivl_ds.parallel.plan import local_numels
+    from brivl_ds.parallel.tp_plan import local_numels
 
     cfg = small_model_config("eva02_base_patch14_224")
     cfg.image.image_size, cfg.image.backbone_depth = 56, 1
@@ -320,3 +321,20 @@ def test_eva02_scale_mlp_is_refused_at_tp2_not_silently_replicated():
     local_numels(model, 1)
     with pytest.raises(ValueError, match="blocks.0: tensor parallelism cannot split .*scale_mlp"):
         local_numels(model, 2)
+
+
+def test_normalize_images_and_batch_to():
+    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (images.float() / 255 - mean) / std
+    assert torch.allclose(normalize_images(images, torch.float32), expected, atol=1e-6)
+    assert normalize_images(images, torch.bfloat16).dtype == torch.bfloat16
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    assert normalize_images(channels_last, torch.float32).is_contiguous()
+    rest = (torch.zeros(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 3, dtype=torch.long),
+            torch.ones(2, 3))
+    moved = Batch(images, *rest).to("cpu", torch.float32)
+    assert moved.images.dtype == torch.float32 and torch.allclose(moved.images, expected, atol=1e-6)
+    floats = torch.randn(2, 3, 8, 8)
+    assert torch.equal(Batch(floats, *rest).to("cpu", torch.float32).images, floats)  # float images: unchanged
+    assert Batch(floats, *rest).to("cpu", torch.bfloat16).images.dtype == torch.bfloat16

@@ -18,9 +18,7 @@ from torchvision.transforms.v2 import functional as F
 
 from brivl_ds.config import AugmentConfig, base
 from brivl_ds.data import bench
-from brivl_ds.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, PairTransform, Params, adjust_color,
-                                      gaussian_blur, normalize_images, sample_crop)
-from brivl_ds.models.brivl import Batch
+from brivl_ds.data.transforms import PairTransform, Params, adjust_color, gaussian_blur, sample_crop
 
 BACKGROUND, DRAWN = (20, 90, 200), (250, 220, 30)
 GEOMETRY = AugmentConfig(crop_scale_min=0.25, hflip_prob=0.5)  # crop, flip, resize; no colour ops
@@ -214,23 +212,6 @@ def test_blur_matches_torchvision():
         reference = F.gaussian_blur(image.float(), [9, 9], [sigma, sigma])
         assert (gaussian_blur(image, sigma).float() - reference).abs().max() <= 2.0
     assert torch.equal(gaussian_blur(image, 0.1), image)  # sigma 0.1: the 8-bit kernel is the identity
-
-
-def test_normalize_images_and_batch_to():
-    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8))
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    expected = (images.float() / 255 - mean) / std
-    assert torch.allclose(normalize_images(images, torch.float32), expected, atol=1e-6)
-    assert normalize_images(images, torch.bfloat16).dtype == torch.bfloat16
-    channels_last = images.contiguous(memory_format=torch.channels_last)
-    assert normalize_images(channels_last, torch.float32).is_contiguous()
-    rest = (torch.zeros(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 3, dtype=torch.long),
-            torch.ones(2, 3))
-    moved = Batch(images, *rest).to("cpu", torch.float32)
-    assert moved.images.dtype == torch.float32 and torch.allclose(moved.images, expected, atol=1e-6)
-    floats = torch.randn(2, 3, 8, 8)
-    assert torch.equal(Batch(floats, *rest).to("cpu", torch.float32).images, floats)  # float images: unchanged
-    assert Batch(floats, *rest).to("cpu", torch.bfloat16).images.dtype == torch.bfloat16
 
 
 def test_bench_quick_runs(capsys):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from brivl_ds.checkpointing.files import as_tp_rank0, rank_files, tp_size
-from brivl_ds.parallel.plan import check_divisible, head_rows, padded_vocab, tensor_parallel_plan
+from brivl_ds.parallel.tp_plan import check_divisible, head_rows, padded_vocab, tensor_parallel_plan
 
 def _consolidate_mp_rank(checkpoint: Path, mp_rank: int) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

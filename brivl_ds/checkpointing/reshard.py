@@ -8,7 +8,7 @@ at a time, straight from the files the old ranks wrote (memory-mapped: a rank re
     into this rank's ZeRO-3 partitions; the low-precision partitions are refreshed from the fp32 master;
   * frozen parameters (the momentum encoders, frozen layers): their ZeRO-3 fragments;
   * the fp32 EMA copies of low-precision runs, the key queues, buffers, the LR schedule, step counters, the
-    optimizer's hyper-parameters; the data position is re-dealt by the stream (brivl_ds/data/plan.py).
+    optimizer's hyper-parameters; the data position is re-dealt by the stream (brivl_ds/data/epoch_layout.py).
 
 Under ZeRO-3 a parameter of n elements is cut into world pieces of ceil(n / world) (the last one padded) and each
 rank's flat partition concatenates its pieces in parameter order, over all its sub-groups (param_shapes order). A

@@ -32,7 +32,8 @@ from torchvision import transforms as T
 
 from brivl_ds.config import AugmentConfig, base
 from brivl_ds.data import transforms as ours
-from brivl_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairTransform
+from brivl_ds.data.transforms import PairTransform
+from brivl_ds.models.brivl import IMAGENET_MEAN, IMAGENET_STD
 
 MAX_BOXES = 36
 

@@ -1,10 +1,11 @@
 """Training data: a streaming, resumable view of Parquet shards that yields whole per-rank batches.
 
-Each rank reads only its span of the epoch (see plan.py) and each DataLoader worker only the blocks of its batches:
-row groups are read with the columns a sample needs and released once their block is done. Augmentation randomness
-is a function of (seed, epoch, row) only, never of the worker layout or the training RNG, so a resumed run sees
-exactly the images an uninterrupted one would have seen. Resuming mid-epoch with another number of ranks or per-rank
-batch size re-deals the rows no rank has consumed yet (plan.py): each is still seen once in the epoch.
+Each rank reads only its span of the epoch (see epoch_layout.py) and each DataLoader worker only the blocks of its
+batches: row groups are read with the columns a sample needs and released once their block is done. Augmentation
+randomness is a function of (seed, epoch, row) only, never of the worker layout or the training RNG, so a resumed
+run sees exactly the images an uninterrupted one would have seen. Resuming mid-epoch with another number of ranks or
+per-rank batch size re-deals the rows no rank has consumed yet (epoch_layout.py): each is still seen once in the
+epoch.
 
 A row that fails at read time (undecodable image, missing text) is replaced by a good row of the same batch and
 counted: the batch keeps its size (all ranks must step together) and the run goes on.
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from brivl_ds.data import plan
+from brivl_ds.data import epoch_layout
 from brivl_ds.data.dataset import Sample
 from brivl_ds.data.shards import shard_index
 
@@ -30,7 +31,7 @@ COLUMNS = ["id", "image", "text", "boxes"]
 
 @dataclass
 class StreamState:
-    """The data position saved in every checkpoint: the epoch's current deal (plan.py) and the earlier ones."""
+    """The data position saved in every checkpoint: the epoch's current deal (epoch_layout.py) and the earlier ones."""
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` this rank has consumed, over all its deals
     streams: int = 1  # workers the current deal was laid out for
@@ -38,20 +39,20 @@ class StreamState:
     fingerprint: str = ""
     batch_size: int = 0  # per rank, of the current deal; 0: not recorded (a checkpoint from before re-dealing)
     block_rows: int = 0  # shuffle block of the current deal; 0: not recorded
-    history: list[plan.Deal] = field(default_factory=list)  # earlier deals of this epoch, oldest first
+    history: list[epoch_layout.Deal] = field(default_factory=list)  # earlier deals of this epoch, oldest first
 
     def __post_init__(self):  # rebuilt from a checkpoint's dict: StreamState(**dataclasses.asdict(state))
-        self.history = [h if isinstance(h, plan.Deal) else plan.Deal(**h) for h in self.history]
+        self.history = [h if isinstance(h, epoch_layout.Deal) else epoch_layout.Deal(**h) for h in self.history]
 
     @property
     def deal_start(self) -> int:
         """Position of the current deal's first batch: the batches consumed under the earlier deals."""
         return sum(h.consumed for h in self.history)
 
-    def deals(self) -> list[plan.Deal]:
+    def deals(self) -> list[epoch_layout.Deal]:
         """The epoch's deals, the current one last with what it has consumed so far."""
-        return self.history + [plan.Deal(self.world, self.batch_size, self.streams, self.block_rows,
-                                         self.batch_in_epoch - self.deal_start)]
+        return self.history + [epoch_layout.Deal(self.world, self.batch_size, self.streams, self.block_rows,
+                                                 self.batch_in_epoch - self.deal_start)]
 
 
 @dataclass
@@ -117,18 +118,19 @@ class ShardStream(IterableDataset):
         self.total_rows = int(self.row_groups.sum())
         self.transform, self.collate = transform, collate
         self.batch_size, self.rank, self.world, self.seed, self.block_rows = batch_size, rank, world, seed, block_rows
-        self.batches_per_epoch = plan.batches_per_epoch(self.total_rows, world, batch_size)  # of the current epoch
+        # batches per rank in the current epoch
+        self.batches_per_epoch = epoch_layout.batches_per_epoch(self.total_rows, world, batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{self.total_rows} rows in {path} cannot fill one global batch of "
                              f"{batch_size} x {world} ranks")
-        self.fingerprint = plan.fingerprint(self.row_groups)
+        self.fingerprint = epoch_layout.fingerprint(self.row_groups)
         self.state = StreamState(world=world, fingerprint=self.fingerprint, batch_size=batch_size,
                                  block_rows=block_rows)
         self._reader: RowGroupReader | None = None
 
     def set_position(self, state: StreamState, num_workers: int | None = None) -> None:
         """Continue from `state`: a fresh epoch, or a checkpoint's mid-epoch position, continued exactly. A
-        mid-epoch checkpoint of another world size or per-rank batch size (same data) is re-dealt (plan.py): the
+        mid-epoch checkpoint of another world size or per-rank batch size (same data) is re-dealt (epoch_layout.py): the
         rows no rank has consumed are dealt to this run's ranks, laid out for `num_workers` DataLoader workers
         (default: as the checkpoint's deal was), and positions go on from `state.batch_in_epoch`. Raises ValueError
         when the resume cannot be exact."""
@@ -158,7 +160,7 @@ class ShardStream(IterableDataset):
         self.state = StreamState(state.epoch, state.batch_in_epoch, state.streams, self.world, self.fingerprint,
                                  self.batch_size, state.block_rows, list(state.history))
         # Sized (and checked) here, so that an impossible re-deal fails at resume time, not in a DataLoader worker.
-        self.batches_per_epoch = self.state.deal_start + plan.deal_batches_per_rank(
+        self.batches_per_epoch = self.state.deal_start + epoch_layout.deal_batches_per_rank(
             self.total_rows, self.state.epoch, self.seed, self.state.deals())
 
     def start_epoch(self, epoch: int, num_workers: int) -> None:
@@ -170,13 +172,13 @@ class ShardStream(IterableDataset):
     def epoch_batches(self) -> list[np.ndarray]:
         """This rank's batches of the current deal, in order (row ids): batch i has position deal_start + i. Only a
         re-deal's last batch may be smaller than batch_size."""
-        return plan.deal_batches(self.row_groups, self.state.epoch, self.seed, self.state.deals(), self.rank)
+        return epoch_layout.deal_batches(self.row_groups, self.state.epoch, self.seed, self.state.deals(), self.rank)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         batches, first = self.epoch_batches(), self.state.deal_start
-        for i in plan.worker_positions(len(batches), self.state.batch_in_epoch - first, worker, workers):
+        for i in epoch_layout.worker_positions(len(batches), self.state.batch_in_epoch - first, worker, workers):
             yield self._batch(first + i, batches[i])
 
     def sample_seed(self, row: int) -> int:

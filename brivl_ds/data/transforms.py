@@ -1,8 +1,9 @@
-"""Per-sample image + box transform (encoded bytes -> uint8 image, official box layout) and the on-device normaliser.
+"""Per-sample image + box transform (encoded bytes -> uint8 image, official box layout), in the data workers.
 
 The CPU side stays uint8 from decode to collate: the crop is drawn from the image header, the JPEG is decoded only
 as finely as that crop needs, and crop + resize, flip, colour and blur run on the small output image. ImageNet
-normalisation happens on the accelerator (`normalize_images`, called by `Batch.to`), so workers ship 4x fewer bytes.
+normalisation happens on the accelerator (`models.brivl.normalize_images`, called by `Batch.to`), so workers ship
+4x fewer bytes.
 
 How this differs from the straightforward pipeline (PIL decode -> torchvision RandomResizedCrop ->
 RandomHorizontalFlip -> ColorJitter -> RandomGrayscale -> RandomApply(GaussianBlur) -> ToTensor -> Normalize).
@@ -38,8 +39,6 @@ from torchvision.transforms.v2 import functional as F
 
 from brivl_ds.config import AugmentConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BLUR_KERNEL = 9  # taps, as torchvision GaussianBlur(kernel_size=9)
 BLUR_SIGMA = (0.1, 2.0)
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, what PIL's convert("L") and torchvision's grayscale use
@@ -284,10 +283,3 @@ class PairTransform:
         seq, mask = box_sequence(out_boxes, self.size, self.max_boxes)
         return image, seq, mask
 
-
-def normalize_images(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """uint8 [B, 3, S, S] -> (x / 255 - mean) / std in float32, then cast to `dtype`; contiguous NCHW."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    x = images.float().div_(255).sub_(mean).div_(std)
-    return x.to(dtype or torch.float32, memory_format=torch.contiguous_format)

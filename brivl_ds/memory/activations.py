@@ -89,8 +89,8 @@ def meta_batch(cfg: Config, batch_size: int, dtype: torch.dtype, text_length: in
 def build_meta_towers(cfg: Config, vocab_size: int, dtype: torch.dtype) -> nn.Module:
     """The online towers as training runs them (precision, frozen layers, checkpointing), on the meta device."""
     from brivl_ds.models.brivl import BriVL
-    from brivl_ds.models.checkpointing import apply_activation_checkpointing
-    from brivl_ds.models.partitioned import keep_float_buffers_fp32
+    from brivl_ds.parallel.activation_checkpointing import apply_activation_checkpointing
+    from brivl_ds.construction.zero_init import keep_float_buffers_fp32
 
     with torch.device("meta"):
         towers = BriVL(cfg.model, vocab_size=vocab_size)

@@ -62,7 +62,7 @@ class ParameterShards:
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int, tp: int) -> "ParameterShards":
         from brivl_ds.models.brivl import BriVL
-        from brivl_ds.parallel.plan import local_numels
+        from brivl_ds.parallel.tp_plan import local_numels
 
         with torch.device("meta"):
             model = BriVL(cfg.model, vocab_size=vocab_size)

@@ -6,25 +6,21 @@ out of the optimizer. The EMA itself is applied by brivl_ds.moco.momentum on eac
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Callable
-from typing import ContextManager
 
 import torch
 from torch import nn
 
-from brivl_ds.config import ModelConfig, MocoConfig
+from brivl_ds.config import MocoConfig
 from brivl_ds.models.brivl import Batch, BriVL
-from brivl_ds.models.partitioned import any_partitioned, copy_local_shards, forked_rng, load_pretrained_towers
 from brivl_ds.moco.loss import MocoOutputs
 
 
 class BriVLMoCo(nn.Module):
     def __init__(self, online: BriVL, cfg: MocoConfig, momentum: BriVL | None = None):
         """`momentum`: a second instance built like `online` (required for partitioned parameters, which deepcopy
-        cannot copy; see build_brivl_moco); None = a deepcopy of `online`."""
+        cannot copy; see construction.towers.build_brivl_moco); None = a deepcopy of `online`."""
         super().__init__()
         self.cfg = cfg
         self.online = online
@@ -56,23 +52,6 @@ class BriVLMoCo(nn.Module):
         with torch.no_grad():
             image_key, text_key = self.momentum(batch)
         return image_query, text_query, image_key.detach(), text_key.detach(), self.tau()
-
-
-def build_brivl_moco(model_cfg: ModelConfig, moco_cfg: MocoConfig, vocab_size: int,
-                     construct: Callable[[], ContextManager] = contextlib.nullcontext) -> BriVLMoCo:
-    """Online towers and their momentum copy built under `construct` (zero.Init when training: no rank ever holds
-    a whole tower). The momentum towers are a second instance (deepcopy cannot copy partitioned parameters), drawn
-    from a fork of the generator so it ends where one build leaves it, as with a deepcopy; pretrained files are
-    read once, into the online towers, and the momentum towers then copy them shard for shard."""
-    with construct():
-        with forked_rng():
-            momentum = BriVL(model_cfg, vocab_size=vocab_size)
-        online = BriVL(model_cfg, vocab_size=vocab_size)
-        model = BriVLMoCo(online, moco_cfg, momentum=momentum)
-    if any_partitioned(model):  # pretrained files are read module by module, outside zero.Init
-        load_pretrained_towers(model.online, model_cfg)
-    copy_local_shards(model.online, model.momentum)
-    return model
 
 
 def run_moco(model, batch: Batch) -> MocoOutputs:

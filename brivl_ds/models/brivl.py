@@ -7,9 +7,20 @@ import torch
 from torch import nn
 
 from brivl_ds.config import ModelConfig
-from brivl_ds.data.transforms import normalize_images
 from brivl_ds.models.image_tower import ImageTower
 from brivl_ds.models.text_tower import TextTower
+from brivl_ds.models.tower_init import EAGER_INIT, TowerInit
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> (x / 255 - mean) / std in float32, then cast to `dtype`; contiguous NCHW."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    x = images.float().div_(255).sub_(mean).div_(std)
+    return x.to(dtype or torch.float32, memory_format=torch.contiguous_format)
 
 
 @dataclass
@@ -44,10 +55,11 @@ class Batch:
 
 
 class BriVL(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, init: TowerInit = EAGER_INIT):
+        """`init`: how the towers create their timm and Hugging Face models (models/tower_init.py)."""
         super().__init__()
-        self.image = ImageTower(cfg.image, cfg.embed_dim, cfg.head_hidden_dim)
-        self.text = TextTower(cfg.text, cfg.embed_dim, vocab_size, cfg.head_hidden_dim)
+        self.image = ImageTower(cfg.image, cfg.embed_dim, cfg.head_hidden_dim, init)
+        self.text = TextTower(cfg.text, cfg.embed_dim, vocab_size, cfg.head_hidden_dim, init)
 
     def encode_image(self, batch: Batch) -> torch.Tensor:
         return self.image(batch.images, batch.boxes, batch.box_mask)

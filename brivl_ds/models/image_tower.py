@@ -1,8 +1,6 @@
 """Image tower f^I: CNN feature map -> RoIAlign per detector box -> box self-attention -> MLP -> unit sphere."""
 from __future__ import annotations
 
-import contextlib
-
 import timm
 import torch
 import torch.nn.functional as F
@@ -13,16 +11,12 @@ from torchvision.ops import roi_align
 from brivl_ds.config import ImageTowerConfig
 from brivl_ds.models.batchnorm import freeze_batchnorm_statistics
 from brivl_ds.models.layers import ProjectionHead, SelfAttentionBlock, masked_mean
-from brivl_ds.models.partitioned import (deferred_timm_init, forked_rng, keep_float_buffers_fp32, replay_timm_init,
-                                         under_zero_init)
+from brivl_ds.models.tower_init import EAGER_INIT, TowerInit, forked_rng
 
 
-def create_backbone(cfg: ImageTowerConfig) -> nn.Module:
-    """A timm model without classifier or pooling; weights only from a local file, never from a hub.
-
-    Under zero.Init (partitioned construction) timm's initialisation, which recurses over the finished model, is
-    replayed module by module; a pretrained file is loaded by `load_pretrained_towers` after the zero.Init
-    context (models/partitioned.py)."""
+def create_backbone(cfg: ImageTowerConfig, init: TowerInit = EAGER_INIT) -> nn.Module:
+    """A timm model without classifier or pooling; weights only from a local file, never from a hub. Created by
+    `init` (plain, or deferred and replayed under partitioned construction: models/tower_init.py)."""
     kwargs = dict(num_classes=0, global_pool="")
     if is_vit(cfg.backbone):  # built for our input size; stabilisers for large ViTs from the config
         kwargs.update(img_size=cfg.image_size, qk_norm=cfg.qk_norm, init_values=cfg.layer_scale)
@@ -31,22 +25,10 @@ def create_backbone(cfg: ImageTowerConfig) -> nn.Module:
     elif cfg.qk_norm or cfg.layer_scale is not None or cfg.backbone_depth is not None:
         raise ValueError(f"model.image.qk_norm / layer_scale / backbone_depth apply to ViT backbones, not "
                          f"{cfg.backbone}")
-    partitioned = under_zero_init()
     if cfg.pretrained_path:
         with forked_rng():  # the loader's draws must not shift what is built after it
-            if not partitioned:
-                return timm.create_model(cfg.backbone, pretrained=True,
-                                         pretrained_cfg_overlay=dict(file=cfg.pretrained_path), **kwargs)
-            with deferred_timm_init():
-                backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
-            keep_float_buffers_fp32(backbone)  # the statistics are loaded in fp32
-            return backbone
-    with deferred_timm_init() if partitioned else contextlib.nullcontext():
-        backbone = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
-    if partitioned:
-        keep_float_buffers_fp32(backbone)
-        replay_timm_init(backbone)  # the draws timm's init would have made, in its order
-    return backbone
+            return init.timm_create(cfg.backbone, cfg.pretrained_path, **kwargs)
+    return init.timm_create(cfg.backbone, None, **kwargs)
 
 
 def is_vit(backbone: str) -> bool:
@@ -78,10 +60,11 @@ def freeze_lower_groups(backbone: nn.Module, trainable_groups: int) -> None:
 
 
 class ImageTower(nn.Module):
-    def __init__(self, cfg: ImageTowerConfig, embed_dim: int, head_hidden_dim: int | None = None):
+    def __init__(self, cfg: ImageTowerConfig, embed_dim: int, head_hidden_dim: int | None = None,
+                 init: TowerInit = EAGER_INIT):
         super().__init__()
         self.cfg = cfg
-        self.backbone = create_backbone(cfg)
+        self.backbone = create_backbone(cfg, init)
         if cfg.frozen_bn_stats:
             freeze_batchnorm_statistics(self.backbone)  # running statistics only, in fp32 (models/batchnorm.py)
         freeze_lower_groups(self.backbone, cfg.trainable_backbone_groups)

@@ -4,31 +4,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig
 
 from brivl_ds.config import TextTowerConfig
 from brivl_ds.models.layers import ProjectionHead, SelfAttentionBlock, masked_mean
-from brivl_ds.models.partitioned import deferred_hf_init, forked_rng, replay_hf_init, under_zero_init
+from brivl_ds.models.tower_init import EAGER_INIT, TowerInit, forked_rng
 
 
-def create_encoder(cfg: TextTowerConfig, vocab_size: int) -> nn.Module:
-    """AutoModel from a local directory, or randomly initialised from the config fields (no hub access).
-
-    Under zero.Init (partitioned construction) Hugging Face's own loaders cannot run (they write whole tensors
-    into partitioned ones, and refuse to nest zero.Init): the encoder is built from its config and its init
-    replayed one module at a time, or, with a pretrained path, left for `load_pretrained_towers` to fill after
-    the zero.Init context (models/partitioned.py)."""
-    partitioned = under_zero_init()
+def create_encoder(cfg: TextTowerConfig, vocab_size: int, init: TowerInit = EAGER_INIT) -> nn.Module:
+    """AutoModel from a local directory, or randomly initialised from the config fields (no hub access). Created by
+    `init` (plain, or deferred and replayed under partitioned construction: models/tower_init.py)."""
     if cfg.pretrained_path:
         # How a loader draws random numbers must not shift what is built after it: a forked generator.
         with forked_rng():
-            if partitioned:
-                config = AutoConfig.from_pretrained(cfg.pretrained_path, local_files_only=True)
-                with deferred_hf_init():  # every value comes from the file, in load_pretrained_towers
-                    encoder = AutoModel.from_config(config, add_pooling_layer=False)
-            else:
-                encoder = AutoModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False,
-                                                    local_files_only=True)
+            encoder = init.hf_from_pretrained(cfg.pretrained_path, add_pooling_layer=False)
         if vocab_size > encoder.config.vocab_size:  # token ids past the embedding would fail mid-run
             raise ValueError(f"the tokenizer has {vocab_size} tokens but {cfg.pretrained_path} embeds only "
                              f"{encoder.config.vocab_size}; use the tokenizer saved with the model")
@@ -39,12 +28,7 @@ def create_encoder(cfg: TextTowerConfig, vocab_size: int) -> nn.Module:
         max_position_embeddings=max(512, cfg.max_length + 2), hidden_dropout_prob=cfg.encoder_dropout,
         attention_probs_dropout_prob=cfg.encoder_dropout,
     )
-    if not partitioned:
-        return AutoModel.from_config(config, add_pooling_layer=False)
-    with deferred_hf_init():
-        encoder = AutoModel.from_config(config, add_pooling_layer=False)
-    replay_hf_init(encoder)  # the draws post_init would have made, in its order
-    return encoder
+    return init.hf_from_config(config, add_pooling_layer=False)
 
 
 def freeze_lower_layers(encoder: nn.Module, trainable_top_layers: int) -> None:
@@ -62,9 +46,10 @@ def freeze_lower_layers(encoder: nn.Module, trainable_top_layers: int) -> None:
 
 
 class TextTower(nn.Module):
-    def __init__(self, cfg: TextTowerConfig, embed_dim: int, vocab_size: int, head_hidden_dim: int | None = None):
+    def __init__(self, cfg: TextTowerConfig, embed_dim: int, vocab_size: int, head_hidden_dim: int | None = None,
+                 init: TowerInit = EAGER_INIT):
         super().__init__()
-        self.encoder = create_encoder(cfg, vocab_size)
+        self.encoder = create_encoder(cfg, vocab_size, init)
         freeze_lower_layers(self.encoder, cfg.trainable_top_layers)
         width = self.encoder.config.hidden_size
         self.self_attention = SelfAttentionBlock(width, cfg.sa_layers, cfg.sa_heads, 4.0, cfg.dropout)

@@ -41,10 +41,10 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
 from torch import nn
 
 from brivl_ds.models.layers import SelfAttention
-from brivl_ds.models.partitioned import gathered, is_partitioned
-from brivl_ds.parallel.plan import (Split, check_backbone_splits, check_divisible, head_rows, padded_vocab,
-                                    split_attention_cores, tensor_parallel_plan)
 from brivl_ds.parallel.rng import fork_rng_in_forward
+from brivl_ds.parallel.tp_plan import (Split, check_backbone_splits, check_divisible, head_rows, padded_vocab,
+                                       split_attention_cores, tensor_parallel_plan)
+from brivl_ds.parallel.zero import gathered, is_partitioned
 
 
 def model_parallel_config(tp: int) -> ModelParallelConfig:

@@ -10,6 +10,8 @@ import deepspeed
 import torch
 
 from brivl_ds.config import Config
+from brivl_ds.construction.towers import build_brivl_moco
+from brivl_ds.construction.zero_init import partitioned_construction
 from brivl_ds.data.build import build_collator, build_train_stream
 from brivl_ds.data.dataset import Collator
 from brivl_ds.data.stream import ShardStream
@@ -17,11 +19,10 @@ from brivl_ds.data.synthetic import ensure_shapes_dataset, shapes_dataset_paths
 from brivl_ds.data.tokenizer import load_tokenizer
 from brivl_ds.distributed import DistInfo, barrier, init_distributed
 from brivl_ds.ds_config import load_ds_config
-from brivl_ds.models.checkpointing import apply_activation_checkpointing
-from brivl_ds.models.partitioned import partitioned_construction
-from brivl_ds.moco.model import BriVLMoCo, build_brivl_moco
+from brivl_ds.moco.model import BriVLMoCo
 from brivl_ds.moco.momentum import MomentumUpdater
 from brivl_ds.moco.queue import KeyQueue
+from brivl_ds.parallel.activation_checkpointing import apply_activation_checkpointing
 from brivl_ds.parallel.groups import DeepSpeedMPU, ParallelGroups, init_tensor_parallel
 from brivl_ds.training.optim import build_optimizer, build_scheduler
 

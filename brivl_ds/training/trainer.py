@@ -20,13 +20,14 @@ from brivl_ds.checkpointing.checkpointer import Checkpointer
 from brivl_ds.checkpointing.state import Position, TrainState
 from brivl_ds.checkpointing.store import CheckpointSaveError
 from brivl_ds.config import Config
+from brivl_ds.construction.towers import build_brivl_moco
 from brivl_ds.data.build import build_eval_set
 from brivl_ds.data.dataset import PairDataset
 from brivl_ds.distributed import all_reduce_mean
 from brivl_ds.evaluation import evaluate_retrieval
 from brivl_ds.models.brivl import Batch
 from brivl_ds.moco.loss import moco_loss
-from brivl_ds.moco.model import BriVLMoCo, build_brivl_moco, run_moco
+from brivl_ds.moco.model import BriVLMoCo, run_moco
 from brivl_ds.parallel.groups import check_same_batch
 from brivl_ds.resilience.drills import Drills
 from brivl_ds.resilience.nonfinite import NonFiniteSteps, step_without_update

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from brivl_ds.models.brivl import BriVL
-from brivl_ds.models.checkpointing import apply_activation_checkpointing
+from brivl_ds.parallel.activation_checkpointing import apply_activation_checkpointing
 from test_towers import random_batch, small_model_config
 
 
