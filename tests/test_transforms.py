@@ -17,7 +17,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from brivl_ds.config import AugmentConfig, base
-from brivl_ds.data import bench
+from brivl_ds.bench import data as bench
 from brivl_ds.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, PairTransform, Params, adjust_color,
                                       gaussian_blur, normalize_images, sample_crop)
 from brivl_ds.models.brivl import Batch
