@@ -32,7 +32,8 @@ from brivl_ds.data.synthetic import ensure_shapes_dataset, shapes_dataset_paths
 from brivl_ds.data.tokenizer import load_tokenizer
 from brivl_ds.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from brivl_ds.ds_config import load_ds_config
-from brivl_ds.evaluation import evaluate_retrieval
+from brivl_ds.evaluation.held_out import evaluate_retrieval
+from brivl_ds.evaluation.recall import format_recall
 from brivl_ds.models.brivl import Batch
 from brivl_ds.moco.loss import moco_loss
 from brivl_ds.models.checkpointing import apply_activation_checkpointing
@@ -487,11 +488,3 @@ def run_summary(cfg: Config, info: DistInfo, groups, dtype: torch.dtype) -> str:
             f"tensor-parallel) on "
             f"{info.device.type}, {str(dtype).removeprefix('torch.')}, kernels: "
             + ", ".join(f"{name} {path}" for name, path in kernels.items()))
-
-
-def format_recall(result: dict[str, float], step: int) -> str:
-    ks = sorted(int(k[5:]) for k in result if k.startswith("i2t_r"))
-    i2t = "/".join(f"{result[f'i2t_r{k}']:.1f}" for k in ks)
-    t2i = "/".join(f"{result[f't2i_r{k}']:.1f}" for k in ks)
-    return (f"eval @ step {step} on {int(result['n'])} held-out pairs: R@{'/'.join(map(str, ks))} "
-            f"image->text {i2t}, text->image {t2i} (chance R@1 {result['chance_r1']:.2f})")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from brivl_ds.metrics import recall_at_k
+from brivl_ds.evaluation.recall import recall_at_k
 
 
 def official_style_recall(image: np.ndarray, text: np.ndarray, k: int) -> tuple[float, float]:
