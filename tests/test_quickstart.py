@@ -88,7 +88,7 @@ def test_quickstart_trains_checkpoints_and_evaluates(full_run):
                         r"text->image ([\d.]+)/([\d.]+)/([\d.]+) \(chance R@1 2.08\)", log)
     assert printed, log[-3000:]
     keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-    assert [float(x) for x in printed.groups()] == [round(result[k], 1) for k in keys]
+    assert [float(x) for x in printed.groups()] == [round(100 * result[k], 1) for k in keys]  # fractions, printed in %
     embeddings = torch.load(out / "eval_embeddings.pt")
     assert result == pytest.approx({"step": 2 * N, **recall_at_k(embeddings["image"], embeddings["text"]),
                                     "skipped_rows": 0.0})

@@ -59,12 +59,12 @@ def test_scores_within_the_tie_tolerance_count_for_the_true_candidate():
         text = torch.tensor([[0.6, 0.0], [0.6 + gap, 1.0]], dtype=torch.float64)
         metrics = retrieval_metrics(image, text, torch.tensor([0, 1]), ks=(1,))
         assert metrics["text_retrieval_recall@1"] == (1 + hit) / 2  # image 1 finds its caption in either case
-        assert recall_at_k(image, text, ks=(1,))["i2t_r1"] == 100 * (1 + hit) / 2
+        assert recall_at_k(image, text, ks=(1,))["i2t_r1"] == (1 + hit) / 2
 
 
 def test_one_caption_per_image_agrees_with_the_paired_recall():
-    """brivl_ds.evaluation.recall.recall_at_k (percent; i2t = text retrieval, t2i = image retrieval) is the special
-    case."""
+    """brivl_ds.evaluation.recall.recall_at_k (fractions too; i2t = text retrieval, t2i = image retrieval) is the
+    special case."""
     from brivl_ds.evaluation.recall import recall_at_k
 
     g = torch.Generator().manual_seed(1)
@@ -72,8 +72,8 @@ def test_one_caption_per_image_agrees_with_the_paired_recall():
     text = torch.nn.functional.normalize(image + 0.7 * torch.randn(40, 8, generator=g), dim=-1)
     result, paired = retrieval_metrics(image, text, torch.arange(40), chunk=9), recall_at_k(image, text)
     for k in (1, 5, 10):
-        assert result[f"text_retrieval_recall@{k}"] == pytest.approx(paired[f"i2t_r{k}"] / 100)
-        assert result[f"image_retrieval_recall@{k}"] == pytest.approx(paired[f"t2i_r{k}"] / 100)
+        assert result[f"text_retrieval_recall@{k}"] == pytest.approx(paired[f"i2t_r{k}"])
+        assert result[f"image_retrieval_recall@{k}"] == pytest.approx(paired[f"t2i_r{k}"])
 
 
 def test_an_image_is_found_by_any_of_its_captions():

@@ -1,6 +1,7 @@
 """Retrieval metrics, computed in chunks so memory stays O(chunk x N), not O(N^2): paired Recall@K (row i of each
 side is pair i; the trainer's and the eval command's) and multi-caption Recall@K (CLIP_benchmark's keys; the
-retrieval command's), and the line the trainer prints."""
+retrieval command's), and the line the trainer prints. Recalls are fractions in [0, 1]; only the printed line
+shows percent."""
 from __future__ import annotations
 
 import torch
@@ -32,15 +33,15 @@ def true_pair_ranks(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 1024
 
 def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10),
                 chunk: int = 1024, tie_tolerance: float = TIE_TOLERANCE) -> dict[str, float]:
-    """Image-to-text and text-to-image Recall@K in percent, plus chance level R@1 (100 / N)."""
+    """Image-to-text and text-to-image Recall@K as fractions in [0, 1], plus chance level R@1 (1 / N)."""
     image_emb, text_emb = image_emb.double(), text_emb.double()
     i2t = true_pair_ranks(image_emb, text_emb, chunk, tie_tolerance)
     t2i = true_pair_ranks(text_emb, image_emb, chunk, tie_tolerance)
     n = image_emb.shape[0]
-    out: dict[str, float] = {"n": float(n), "chance_r1": 100.0 / max(n, 1)}
+    out: dict[str, float] = {"n": float(n), "chance_r1": 1.0 / max(n, 1)}
     for k in ks:
-        out[f"i2t_r{k}"] = 100.0 * (i2t < k).double().mean().item()
-        out[f"t2i_r{k}"] = 100.0 * (t2i < k).double().mean().item()
+        out[f"i2t_r{k}"] = (i2t < k).double().mean().item()
+        out[f"t2i_r{k}"] = (t2i < k).double().mean().item()
     return out
 
 
@@ -96,8 +97,9 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_imag
 
 
 def format_recall(result: dict[str, float], step: int) -> str:
+    """The line the trainer prints for `recall_at_k`'s fractions: in percent, the one place percent is used."""
     ks = sorted(int(k[5:]) for k in result if k.startswith("i2t_r"))
-    i2t = "/".join(f"{result[f'i2t_r{k}']:.1f}" for k in ks)
-    t2i = "/".join(f"{result[f't2i_r{k}']:.1f}" for k in ks)
+    i2t = "/".join(f"{100 * result[f'i2t_r{k}']:.1f}" for k in ks)
+    t2i = "/".join(f"{100 * result[f't2i_r{k}']:.1f}" for k in ks)
     return (f"eval @ step {step} on {int(result['n'])} held-out pairs: R@{'/'.join(map(str, ks))} "
-            f"image->text {i2t}, text->image {t2i} (chance R@1 {result['chance_r1']:.2f})")
+            f"image->text {i2t}, text->image {t2i} (chance R@1 {100 * result['chance_r1']:.2f})")
