@@ -42,7 +42,7 @@ setup(
         "megatron-core>=0.12",
         "pyarrow>=15",
         "tensorboard",
-        "safetensors",  # exported models (brivl_ds/export.py)
+        "safetensors",  # exported models (brivl_ds/inference/exported.py)
         "triton",
         "tqdm",
         "pillow",
