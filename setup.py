@@ -8,6 +8,11 @@ Install torch first (see README): DeepSpeed's sdist imports torch in its setup.
 """
 from setuptools import setup
 
+INDEX = ["faiss-cpu"]  # vector index (a faiss-gpu build can replace it)
+SERVE = ["fastapi", "uvicorn", "prometheus-client", *INDEX]
+ZEROSHOT = ["matplotlib"]  # the zero-shot confusion matrix picture
+INFERENCE = sorted({*SERVE, *INDEX, *ZEROSHOT})
+
 setup(
     name="brivl-ds",
     version="0.1.0",
@@ -25,6 +30,9 @@ setup(
         "brivl_ds.checkpointing",
         "brivl_ds.training",
         "brivl_ds.serving",
+        "brivl_ds.evaluation",
+        "brivl_ds.inference",
+        "brivl_ds.bench",
         "brivl_kernels",
     ],
     package_dir={"brivl_kernels": "kernels"},
@@ -37,17 +45,19 @@ setup(
         "megatron-core>=0.12",
         "pyarrow>=15",
         "tensorboard",
-        "safetensors",  # exported models (brivl_ds/export.py)
+        "safetensors",  # exported models (brivl_ds/inference/exported.py)
         "triton",
         "tqdm",
         "pillow",
         "numpy",
-        # after training (brivl_ds.zeroshot / index / serve)
-        "matplotlib",  # the zero-shot confusion matrix picture
-        "faiss-cpu",  # vector index (a faiss-gpu build can replace it)
-        "fastapi",
-        "uvicorn",
-        "prometheus-client",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "httpx"]},
+    # After training: a training node needs none of these. A command that needs a missing one says which extra
+    # installs it (brivl_ds/optional_deps.py).
+    extras_require={
+        "serve": SERVE,  # python -m brivl_ds.serve (its search uses the vector index)
+        "index": INDEX,  # python -m brivl_ds.index
+        "zeroshot": ZEROSHOT,  # python -m brivl_ds.zeroshot
+        "inference": INFERENCE,
+        "test": ["pytest", "hypothesis", "httpx", *INFERENCE],  # the suite covers every command
+    },
 )

@@ -12,6 +12,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+CHINESE_ROBERTA_VOCAB = 21128
+"""Vocabulary of hfl/chinese-roberta-wwm-ext(-large): what models are counted, planned and built with when no
+tokenizer is loaded (the presets and plan commands, the construction benchmark)."""
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+"""File suffixes read as images where a folder of images is the input (embed --images, zero-shot ImageFolder)."""
+
 
 @dataclass
 class ImageTowerConfig:

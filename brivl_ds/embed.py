@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -34,8 +33,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from brivl_ds.config import IMAGE_SUFFIXES
+from brivl_ds.inference.encode import decoded_batches
 
 
 def read_inputs(args) -> tuple[list[str], list, list, list]:
@@ -79,24 +78,19 @@ def _save(path: Path, array: np.ndarray) -> None:
 def embed_shard(model, rows: range, ids, images, texts, boxes, batch_size: int) -> tuple[dict, list[int], int]:
     """Embeddings of `rows` ({"image": [n, D], "text": [n, D]} float16), the rows kept, the images skipped."""
     keep, image_out, text_out, skipped = [], [], [], 0
-    for start in range(rows.start, rows.stop, batch_size):
-        batch = list(range(start, min(start + batch_size, rows.stop)))
+    if images is None:  # texts only: every row is kept
+        batches = ((rows[s:s + batch_size], rows[s:s + batch_size], None) for s in range(0, len(rows), batch_size))
+    else:  # a bad image is skipped and counted, not fatal
+        batches = decoded_batches(model, images, boxes, rows, batch_size, name=lambda r: f"row {r} ({ids[r]})")
+    for batch, good, prepared in batches:
+        good = list(good)
         if images is not None:
-            good, prepared = [], []
-            for r in batch:  # decoded one by one: a bad image is skipped and counted, not fatal
-                try:
-                    raw = images[r] if isinstance(images[r], bytes) else Path(images[r]).read_bytes()
-                    prepared.append(model.prepare_image(raw, boxes[r] if boxes else None))
-                    good.append(r)
-                except Exception as err:
-                    log.warning("skipping row %d (%s): %s", r, ids[r], err)
-                    skipped += 1
-            batch = good
-            if batch:
+            skipped += len(batch) - len(good)
+            if good:
                 image_out.append(model.embed_prepared(prepared))
-        if texts is not None and batch:
-            text_out.append(model.embed_texts([texts[r] for r in batch]))
-        keep += batch
+        if texts is not None and good:
+            text_out.append(model.embed_texts([texts[r] for r in good]))
+        keep += good
     arrays = {}
     dim = model.config.embed_dim
     if images is not None:
@@ -122,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
 
-    from brivl_ds.export import DTYPES, load_model
+    from brivl_ds.inference.exported import DTYPES, load_model
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.device == "cuda":  # one GPU per launcher rank

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brivl_ds.metrics import recall_at_k
+from brivl_ds.evaluation.recall import recall_at_k
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         from brivl_ds.data.build import build_collator, build_eval_set
         from brivl_ds.distributed import DistInfo
-        from brivl_ds.evaluation import evaluate_retrieval
+        from brivl_ds.evaluation.held_out import evaluate_retrieval
 
         # One process, no process group: the consolidated fp32 model is evaluated directly.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,11 +8,9 @@ import argparse
 
 import torch
 
-from brivl_ds.config import PRESETS, build_config
+from brivl_ds.config import CHINESE_ROBERTA_VOCAB, PRESETS, build_config
 from brivl_ds.models.brivl import BriVL, count_parameters
 from brivl_ds.moco.model import BriVLMoCo
-
-CHINESE_ROBERTA_VOCAB = 21128  # hfl/chinese-roberta-wwm-ext(-large)
 
 
 def parameter_report(preset: str, overrides: list[str] | None = None, vocab_size: int = CHINESE_ROBERTA_VOCAB

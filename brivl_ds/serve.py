@@ -5,7 +5,8 @@
 MODEL_DIR comes from `python -m brivl_ds.export`, index folders from `python -m brivl_ds.index` (one per modality:
 a text index answers image queries, an image index text queries). The endpoints are described in
 brivl_ds/serving/app.py; `--no-batching` runs each request alone (the benchmark's baseline). One process serves
-one model on one device; run one per GPU behind a load balancer to scale out.
+one model on one device; run one per GPU behind a load balancer to scale out. Needs the `serve` extra (FastAPI,
+uvicorn, prometheus-client, faiss): pip install 'brivl-ds[serve]'.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from brivl_ds.optional_deps import require
 from brivl_ds.serving.batcher import BatchingConfig
 from brivl_ds.serving.inputs import InputLimits
 
@@ -44,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_app(args: argparse.Namespace):
-    from brivl_ds.export import DTYPES, load_model
-    from brivl_ds.index import VectorIndex
+    from brivl_ds.inference.exported import DTYPES, load_model
+    from brivl_ds.inference.vector_index import VectorIndex
     from brivl_ds.serving.app import ServeConfig, create_app
 
     model = load_model(args.model, args.device, DTYPES[args.dtype] if args.dtype else None)
@@ -68,8 +70,7 @@ def build_app(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
+    uvicorn = require("uvicorn", "serve")
     args = parse_args(argv)
     app = build_app(args)
     print(f"serving {args.model} on http://{args.host}:{args.port} (batching "

@@ -136,7 +136,7 @@ def tiny_model_dir(shapes_data, tmp_path_factory) -> Path:
 
     from brivl_ds.config import build_config
     from brivl_ds.data.tokenizer import load_tokenizer
-    from brivl_ds.export import save_exported
+    from brivl_ds.inference.exported import save_exported
     from brivl_ds.models.brivl import BriVL
 
     cfg = build_config("tiny", ["model.image.image_size=64", f"model.text.tokenizer_path={shapes_data['tokenizer']}"])

@@ -1,5 +1,6 @@
-"""brivl_ds.index: the budget rule, exact flat search, ANN with exact re-rank and its measured recall, the payload
-read back from each kind of embedded source, and the real embed -> index -> search path with the tiny model."""
+"""brivl_ds.inference.vector_index and its command brivl_ds.index: the budget rule, exact flat search, ANN with exact
+re-rank and its measured recall, the payload read back from each kind of embedded source, and the real embed ->
+index -> search path with the tiny model."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from brivl_ds.index import IndexSettings, VectorIndex, build, exact_search, main, parse_size, plan
+from brivl_ds.index import main
+from brivl_ds.inference.vector_index import (IndexSettings, VectorIndex, build, choose_index, exact_search,
+                                             parse_size)
 
 TOL = 1e-5
 
@@ -62,7 +65,7 @@ def test_budget_rule_boundaries():
     """n = 2000, d = 128, M = 32: flat 2000·128·4 = 1,024,000 bytes; HNSW-SQ8 2000·(128 + 256 + 16) = 800,000;
     IVF-PQ nlist = min(round(4·sqrt(2000)) = 179, 2000 // 39 = 51) = 51, 2000·(m + 8) + (51 + 256)·128·4 bytes."""
     def chosen(budget, kind="auto", n=2000, d=128):
-        return plan(n, d, IndexSettings(memory_budget=budget, kind=kind))
+        return choose_index(n, d, IndexSettings(memory_budget=budget, kind=kind))
 
     assert chosen(1_024_000).kind == "flat"
     assert (chosen(1_023_999).kind, chosen(1_023_999).bytes) == ("hnsw", 800_000)
@@ -86,7 +89,7 @@ def test_budget_rule_boundaries():
 
 
 def test_flat_search_equals_brute_force(tmp_path, monkeypatch):
-    monkeypatch.setattr("brivl_ds.index.CHUNK_BYTES", 4 * 64 * 700)  # 700 vectors at a time
+    monkeypatch.setattr("brivl_ds.inference.vector_index.CHUNK_BYTES", 4 * 64 * 700)  # 700 vectors at a time
     rng = np.random.default_rng(1)
     emb = make_emb(tmp_path / "emb", unit(rng.standard_normal((3000, 64))))
     report = build(emb, tmp_path / "index")
@@ -109,7 +112,7 @@ def test_flat_search_equals_brute_force(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
 def test_ann_reranks_exactly_and_measures_recall(tmp_path, monkeypatch, kind):
     """n = 2000, d = 128: a budget of exactly 800,000 bytes picks HNSW; 2000·(8 + 8) + 307·512 picks IVF-PQ, m = 8."""
-    monkeypatch.setattr("brivl_ds.index.CHUNK_BYTES", 4 * 128 * 300)  # chunked adds, exact search and gathers
+    monkeypatch.setattr("brivl_ds.inference.vector_index.CHUNK_BYTES", 4 * 128 * 300)  # chunked adds, exact search and gathers
     n, d, sample = 2000, 128, 300
     emb = make_emb(tmp_path / "emb", clustered(n, d, seed=2))
     budget = {"hnsw": 800_000, "ivfpq": 2000 * 16 + 307 * 512}[kind]

@@ -1,4 +1,4 @@
-"""The memory planner (`python -m brivl_ds.plan`) against measurement on CPU.
+"""The memory planner (brivl_ds/memory/planner.py, `python -m brivl_ds.plan`) against measurement on CPU.
 
 - Model states: what the planner predicts per rank from shapes and the ds_config equals, within 1% per part, what
   live Trainers hold after a real step: `base` at its real size on 2 ranks (TP = 1, its shipped bf16 config,
@@ -51,7 +51,7 @@ def _worker(rank, world, preset, settings, data, out_dir, tp, persistence, ds_co
     from brivl_ds.ds_config import load_ds_config
     from brivl_ds.memory.activations import ActivationModel, SavedForBackward
     from brivl_ds.memory.model_states import measure_model_states
-    from brivl_ds.plan import Planner
+    from brivl_ds.memory.planner import Planner
     from brivl_ds.training.trainer import Trainer
 
     real_run_moco, saved = trainer_module.run_moco, []
@@ -132,7 +132,8 @@ def test_plan_command_finds_the_largest_batch_that_fits(capsys):
     """The command as users run it (the tiny preset, so it is quick), and its answer checked: the plan at the
     largest batch fits, one more sample does not; the printed table says so."""
     from brivl_ds.ds_config import load_ds_config
-    from brivl_ds.plan import GiB, Planner, format_plan, main, parse_bytes
+    from brivl_ds.memory.planner import GiB, Planner, format_plan
+    from brivl_ds.plan import main, parse_bytes
 
     assert parse_bytes("80GiB") == 80 * GiB and parse_bytes("40GB") == 40 * 10 ** 9
     main(["--preset", "tiny", "--gpus", "2", "--gpu-memory", "1GiB", "--json"])

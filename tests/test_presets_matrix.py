@@ -222,7 +222,7 @@ def test_preset_trains_checkpoints_resumes_exactly_and_evaluates(preset, shapes_
     from brivl_ds.data.shards import read_table
     from brivl_ds.eval import main as eval_command  # its main, in this process (a process start saved)
     from brivl_ds.export import export
-    from brivl_ds.metrics import recall_at_k
+    from brivl_ds.evaluation.recall import recall_at_k
     from safetensors.torch import load_file
 
     folder = export(full / "checkpoints", tmp_path / "exported")

@@ -80,7 +80,7 @@ def test_quickstart_trains_checkpoints_and_evaluates(full_run):
 
     import torch
 
-    from brivl_ds.metrics import recall_at_k
+    from brivl_ds.evaluation.recall import recall_at_k
 
     result = json.loads((out / "eval.json").read_text())
     assert result["skipped_rows"] == 0 and result["step"] == 2 * N
@@ -88,7 +88,7 @@ def test_quickstart_trains_checkpoints_and_evaluates(full_run):
                         r"text->image ([\d.]+)/([\d.]+)/([\d.]+) \(chance R@1 2.08\)", log)
     assert printed, log[-3000:]
     keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-    assert [float(x) for x in printed.groups()] == [round(result[k], 1) for k in keys]
+    assert [float(x) for x in printed.groups()] == [round(100 * result[k], 1) for k in keys]  # fractions, printed in %
     embeddings = torch.load(out / "eval_embeddings.pt")
     assert result == pytest.approx({"step": 2 * N, **recall_at_k(embeddings["image"], embeddings["text"]),
                                     "skipped_rows": 0.0})
@@ -103,7 +103,7 @@ def test_eval_command_on_the_checkpoint_reproduces_the_run_eval(full_run, tmp_pa
     import torch
 
     from brivl_ds.eval import main as eval_command
-    from brivl_ds.metrics import recall_at_k
+    from brivl_ds.evaluation.recall import recall_at_k
 
     out, _ = full_run
     eval_command(["--checkpoint", str(out / "checkpoints"), "--out", str(tmp_path / "m.json"), "--save-embeddings",
@@ -249,7 +249,8 @@ def test_after_training_readme_flow_zero_shot_index_and_search(full_run, exporte
     import brivl_ds
     from brivl_ds.data.shards import read_table
     from brivl_ds.embed import load_embeddings, main as embed
-    from brivl_ds.index import VectorIndex, main as index
+    from brivl_ds.index import main as index
+    from brivl_ds.inference.vector_index import VectorIndex
     from brivl_ds.zeroshot import main as zeroshot
 
     out, _ = full_run

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from brivl_ds.metrics import TIE_TOLERANCE
-from brivl_ds.retrieval import main, read_caption_shards, retrieval_metrics
+from brivl_ds.evaluation.captioned import read_caption_shards
+from brivl_ds.evaluation.recall import TIE_TOLERANCE, retrieval_metrics
+from brivl_ds.retrieval import main
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # small batches (conftest.py)
 
@@ -50,7 +51,7 @@ def test_chunked_metrics_equal_brute_force_with_uneven_captions_and_ties(chunk):
 def test_scores_within_the_tie_tolerance_count_for_the_true_candidate():
     """Batching moves fp32 scores by about 1e-7: such a near-tie goes to the true candidate, as an exact tie does,
     in both metrics; a gap of 10x the tolerance does not."""
-    from brivl_ds.metrics import recall_at_k
+    from brivl_ds.evaluation.recall import recall_at_k
 
     for gap, hit in ((TIE_TOLERANCE / 4, 1.0), (10 * TIE_TOLERANCE, 0.0)):
         image = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
@@ -58,20 +59,21 @@ def test_scores_within_the_tie_tolerance_count_for_the_true_candidate():
         text = torch.tensor([[0.6, 0.0], [0.6 + gap, 1.0]], dtype=torch.float64)
         metrics = retrieval_metrics(image, text, torch.tensor([0, 1]), ks=(1,))
         assert metrics["text_retrieval_recall@1"] == (1 + hit) / 2  # image 1 finds its caption in either case
-        assert recall_at_k(image, text, ks=(1,))["i2t_r1"] == 100 * (1 + hit) / 2
+        assert recall_at_k(image, text, ks=(1,))["i2t_r1"] == (1 + hit) / 2
 
 
 def test_one_caption_per_image_agrees_with_the_paired_recall():
-    """brivl_ds.metrics.recall_at_k (percent; i2t = text retrieval, t2i = image retrieval) is the special case."""
-    from brivl_ds.metrics import recall_at_k
+    """brivl_ds.evaluation.recall.recall_at_k (fractions too; i2t = text retrieval, t2i = image retrieval) is the
+    special case."""
+    from brivl_ds.evaluation.recall import recall_at_k
 
     g = torch.Generator().manual_seed(1)
     image = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=-1)
     text = torch.nn.functional.normalize(image + 0.7 * torch.randn(40, 8, generator=g), dim=-1)
     result, paired = retrieval_metrics(image, text, torch.arange(40), chunk=9), recall_at_k(image, text)
     for k in (1, 5, 10):
-        assert result[f"text_retrieval_recall@{k}"] == pytest.approx(paired[f"i2t_r{k}"] / 100)
-        assert result[f"image_retrieval_recall@{k}"] == pytest.approx(paired[f"t2i_r{k}"] / 100)
+        assert result[f"text_retrieval_recall@{k}"] == pytest.approx(paired[f"i2t_r{k}"])
+        assert result[f"image_retrieval_recall@{k}"] == pytest.approx(paired[f"t2i_r{k}"])
 
 
 def test_an_image_is_found_by_any_of_its_captions():

@@ -309,7 +309,7 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
     # rounding of another summation order. Recalls are compared through the embeddings, not with each other: this
     # barely trained model puts the pairs so close together that a 1e-6 difference may reorder two candidates
     # on another CPU. Each run's recall is its own embeddings' recall.
-    from brivl_ds.metrics import recall_at_k
+    from brivl_ds.evaluation.recall import recall_at_k
 
     embeddings = [torch.load(d / "eval_embeddings.pt") for d in (tp1, tp2)]
     for d, emb in zip((tp1, tp2), embeddings):

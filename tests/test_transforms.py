@@ -17,7 +17,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from brivl_ds.config import AugmentConfig, base
-from brivl_ds.data import bench
+from brivl_ds.bench import data as bench
 from brivl_ds.data.transforms import PairTransform, Params, adjust_color, gaussian_blur, sample_crop
 
 BACKGROUND, DRAWN = (20, 90, 200), (250, 220, 30)

@@ -1,5 +1,6 @@
 """Zero-shot classification: the CLI's numbers equal a float64 reference computed here (prompt averaging, top-1,
 top-k, per-class, confusion), the JSON layout and the picture; bad input is skipped or refused clearly."""
+import functools
 import json
 import shutil
 import warnings
@@ -10,7 +11,9 @@ import pytest
 
 from brivl_ds.data.shards import read_table
 from brivl_ds.data.synthetic import BACKGROUNDS, COLOURS
-from brivl_ds.zeroshot import ZH_TEMPLATES, class_embeddings, load_templates, main, make_shapes_benchmark
+from brivl_ds.evaluation.zeroshot import ZH_TEMPLATES, class_embeddings, load_templates, make_shapes_benchmark
+from brivl_ds.inference.encode import embed_texts_batched
+from brivl_ds.zeroshot import main
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # small batches (conftest.py)
 
@@ -180,7 +183,7 @@ def test_image_folder_cli_equals_a_float64_reference(shapes_bench, eval_rows, im
     classes = list(BACKGROUNDS)
     labels = {r["id"]: classes.index(r["text"].split("背景")[0]) for r in eval_rows}
     weights = reference_classes(model, classes, templates)
-    np.testing.assert_allclose(class_embeddings(model, classes, templates).double().numpy(), weights, atol=1e-6)
+    np.testing.assert_allclose(class_embeddings(functools.partial(embed_texts_batched, model), classes, templates).double().numpy(), weights, atol=1e-6)
     top1, top4, confusion = reference_scores(image_emb, eval_rows, labels, weights, k=4)
     # premise: top-3 misses some images, so the top-5 capped at the 4 classes (acc5 = 1 by definition) would show a
     # cap at fewer classes; top-k below the class count is checked over 8 classes in the next test
@@ -260,7 +263,7 @@ def test_templates(tmp_path):
 
 
 def test_label_font_finds_a_font_with_every_glyph_and_never_last_resort(tmp_path, installed_fonts):
-    from brivl_ds.zeroshot import label_font
+    from brivl_ds.evaluation.zeroshot import label_font
 
     dejavu = installed_fonts()
     assert label_font(["cat", "dög"]).get_file() == dejavu  # the default font when it has the glyphs
@@ -278,7 +281,7 @@ def test_confusion_plot_names_classes_only_with_a_font_that_has_their_glyphs(has
                                                                              installed_fonts, saved_figures):
     from PIL import Image
 
-    from brivl_ds.zeroshot import plot_confusion
+    from brivl_ds.evaluation.zeroshot import plot_confusion
 
     classes = list(BACKGROUNDS)
     cjk = box_font(tmp_path / "boxes.ttf", "".join(classes))

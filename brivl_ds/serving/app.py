@@ -24,6 +24,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
+from brivl_ds.optional_deps import require
+
+require("fastapi", "serve")  # first: a missing one is named with the pip extra that installs it
+require("prometheus_client", "serve")
+
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError

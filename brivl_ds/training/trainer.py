@@ -24,7 +24,8 @@ from brivl_ds.construction.towers import build_brivl_moco
 from brivl_ds.data.build import build_eval_set
 from brivl_ds.data.dataset import PairDataset
 from brivl_ds.distributed import all_reduce_mean
-from brivl_ds.evaluation import evaluate_retrieval
+from brivl_ds.evaluation.held_out import evaluate_retrieval
+from brivl_ds.evaluation.recall import format_recall
 from brivl_ds.models.brivl import Batch
 from brivl_ds.moco.loss import moco_loss
 from brivl_ds.moco.model import BriVLMoCo, run_moco
@@ -263,10 +264,3 @@ class Trainer:
     def save(self) -> None:
         self.checkpointer.save(self.state, self.info.rank, self.info.world)
 
-
-def format_recall(result: dict[str, float], step: int) -> str:
-    ks = sorted(int(k[5:]) for k in result if k.startswith("i2t_r"))
-    i2t = "/".join(f"{result[f'i2t_r{k}']:.1f}" for k in ks)
-    t2i = "/".join(f"{result[f't2i_r{k}']:.1f}" for k in ks)
-    return (f"eval @ step {step} on {int(result['n'])} held-out pairs: R@{'/'.join(map(str, ks))} "
-            f"image->text {i2t}, text->image {t2i} (chance R@1 {result['chance_r1']:.2f})")

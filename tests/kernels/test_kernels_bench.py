@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from brivl_kernels import bench
+from brivl_ds.bench import kernels as bench
 
 
 def test_byte_and_flop_counts():

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from brivl_kernels import AdamWHalfStates, bench, momentum_update_, momentum_update_reference_
+from brivl_ds.bench import kernels as bench
+from brivl_kernels import AdamWHalfStates, momentum_update_, momentum_update_reference_
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

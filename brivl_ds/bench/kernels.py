@@ -1,6 +1,6 @@
 """GPU benchmark of the kernels against PyTorch eager and torch.compile of the references.
 
-    python -m brivl_kernels.bench [--only contrastive,momentum,adamw] [--quick] [--markdown PATH]
+    python -m brivl_ds.bench.kernels [--only contrastive,momentum,adamw] [--quick] [--markdown PATH]
 
 For every kernel and size: the median time of many repeats (CUDA events around each call, after warm-up), the
 bytes and FLOPs the operation needs at minimum (counted from the shapes, the same for every implementation, so
@@ -126,8 +126,8 @@ def ceilings(quick=False) -> dict:
 # ---- cases ------------------------------------------------------------------------------------------------------
 
 def contrastive_rows(quick=False, device="cuda"):
-    from .contrastive import queue_contrastive_loss
-    from .contrastive_reference import queue_contrastive_loss_reference
+    from brivl_kernels.contrastive import queue_contrastive_loss
+    from brivl_kernels.contrastive_reference import queue_contrastive_loss_reference
 
     compiled = torch.compile(queue_contrastive_loss_reference, dynamic=False)
     impls = {"triton": lambda *a: queue_contrastive_loss(*a, impl="triton"),
@@ -161,7 +161,7 @@ def contrastive_rows(quick=False, device="cuda"):
 
 
 def momentum_rows(quick=False, device="cuda"):
-    from .momentum import momentum_update_, momentum_update_reference_
+    from brivl_kernels.momentum import momentum_update_, momentum_update_reference_
 
     compiled = torch.compile(momentum_update_reference_)
     rows = []
@@ -188,7 +188,7 @@ def momentum_rows(quick=False, device="cuda"):
 
 
 def adamw_rows(quick=False, device="cuda"):
-    from .adamw_half import AdamWHalfStates, adamw_half_step_reference_
+    from brivl_kernels.adamw_half import AdamWHalfStates, adamw_half_step_reference_
 
     rows = []
     for size, numels in ADAMW_SIZES.items():
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", help="also write the report to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("brivl_kernels.bench: no CUDA device. The benchmark times GPU kernels; nothing is measured on CPU.",
+        print("brivl_ds.bench.kernels: no CUDA device. The benchmark times GPU kernels; nothing is measured on CPU.",
               file=sys.stderr)
         return 2
     text = run(tuple(args.only.split(",")), args.quick)

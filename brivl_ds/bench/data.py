@@ -1,7 +1,7 @@
 """Data-loading benchmark: samples/s per CPU core for decode + augment + collate, PairTransform vs a straightforward
 PIL + torchvision-transforms loop at the same output size, and the converter's rows/s.
 
-  python -m brivl_ds.data.bench [--size 380 600] [--n 200] [--source-px 1024] [--stages] [--quick]
+  python -m brivl_ds.bench.data [--size 380 600] [--n 200] [--source-px 1024] [--stages] [--quick]
 
 Inputs are generated photo-like JPEGs (smooth colour fields, shapes, a texture and sensor-like noise at JPEG quality
 90; flat colours would decode unrealistically fast), kept in memory. Timing runs in this one process with
@@ -239,7 +239,7 @@ def machine() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m brivl_ds.data.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m brivl_ds.bench.data", description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, nargs="+", default=None, help="output sizes (default 380 600)")
     parser.add_argument("--n", type=int, default=None, help="images (default 200; 8 with --quick)")
     parser.add_argument("--source-px", type=int, default=None, help="long side of the JPEGs (default 1024)")

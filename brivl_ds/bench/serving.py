@@ -1,6 +1,6 @@
 """Benchmark of an exported model and its service, as measured on this machine (a benchmark, not a test).
 
-  python -m brivl_ds.serving.bench --model MODEL_DIR --shards EVAL_SHARDS [--requests 96] [--clients 1 8 32]
+  python -m brivl_ds.bench.serving --model MODEL_DIR --shards EVAL_SHARDS [--requests 96] [--clients 1 8 32]
 
 Prints, side by side in one run:
   1. the towers' embedding throughput in this process (texts/s, images/s at --batch-size, after a warm-up);

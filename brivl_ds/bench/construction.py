@@ -1,20 +1,28 @@
 """Peak memory per rank while building a preset's towers (online + momentum), partitioned as train.py builds them
 (deepspeed.zero.Init over the data-parallel ranks) or plain (every rank builds everything, `--plain`):
 
-    deepspeed --num_gpus 2 brivl_ds/bench_construction.py --preset base [--plain] [--set KEY=VALUE ...]
+    deepspeed --num_gpus 2 brivl_ds/bench/construction.py --preset base [--plain] [--set KEY=VALUE ...]
 
 Prints, per rank, the resident memory before and after construction (peak, from getrusage), the parameter bytes
 the rank holds, and the build time. A benchmark: it prints what it measured, on this machine; nothing asserts.
 """
 from __future__ import annotations
 
-import argparse
-import functools
-import platform
-import resource
-import time
+import os
+import sys
 
-import torch
+if __package__ in (None, ""):
+    # Run as a script (how the deepspeed launcher starts it): put the repository root, not brivl_ds/bench/, on the
+    # path (that folder's data.py, kernels.py and serving.py would shadow top-level modules of those names).
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -30,13 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from brivl_ds.distributed import gather_objects
-    from brivl_ds.config import build_config
+    from brivl_ds.config import CHINESE_ROBERTA_VOCAB, build_config
     from brivl_ds.distributed import init_distributed
     from brivl_ds.ds_config import load_ds_config
     from brivl_ds.construction.towers import build_brivl_moco
     from brivl_ds.construction.zero_init import partitioned_construction
     from brivl_ds.parallel.zero import is_partitioned
-    from brivl_ds.presets import CHINESE_ROBERTA_VOCAB
 
     cfg = build_config(args.preset, args.overrides)
     info = init_distributed(cfg.train.threads)

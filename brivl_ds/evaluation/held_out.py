@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from brivl_ds.data.dataset import PairDataset
 from brivl_ds.distributed import DistInfo
-from brivl_ds.metrics import recall_at_k
+from brivl_ds.evaluation.recall import recall_at_k
 from brivl_ds.models.brivl import BriVL
 from brivl_ds.moco.queue import all_gather_keys
 from brivl_ds.parallel.groups import ParallelGroups
