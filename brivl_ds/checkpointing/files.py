@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+LATEST = "latest"  # DeepSpeed's pointer file to the newest tag (written atomically by store.py)
 _NAME = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 
 
@@ -64,5 +65,5 @@ def as_tp_rank0(path: Path, tp_rank: int) -> str:
 
 def latest_tag(checkpoint_dir: str | Path) -> str | None:
     """The tag DeepSpeed recorded in <dir>/latest, if a checkpoint was completed there."""
-    latest = Path(checkpoint_dir) / "latest"
+    latest = Path(checkpoint_dir) / LATEST
     return latest.read_text().strip() if latest.exists() else None

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from brivl_ds.checkpointing.files import latest_tag
+from brivl_ds.checkpointing.files import LATEST, latest_tag
 from brivl_ds.distributed import gather_objects
 
 MANIFEST = "manifest.json"
@@ -189,7 +189,7 @@ class CheckpointStore:
         os.rename(partial, final)
         _fsync_dir(self.root)
         shutil.rmtree(replaced, ignore_errors=True)
-        write_atomically(self.root / "latest", tag)
+        write_atomically(self.root / LATEST, tag)
         self._apply_retention()
 
     def _apply_retention(self) -> None:

@@ -1,0 +1,61 @@
+"""Checkpoints written before the checkpointing package (commit 451fbdc) still resume and export.
+
+tests/fixtures/checkpoint-451fbdc/ holds what that commit's code wrote (its make.py, run from that checkout): step 2
+of a 2-rank ZeRO-3 run (the tiny preset's layer types at tiny widths, on the committed data), the metrics.jsonl of
+the same run continued to step 3, and the hashes of its export of step 2. Today's code must resume from the old
+checkpoint and give step 3 bit for bit, and export step 2 to the same tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, deepspeed_train
+
+FIXTURE = REPO / "tests" / "fixtures" / "checkpoint-451fbdc"
+COMPARED = ("loss", "loss_i2t", "loss_t2i", "tau", "lr", "grad_norm", "queue_fill", "skipped_rows", "skipped_steps")
+
+
+def old_records() -> list[dict]:
+    return [json.loads(line) for line in (FIXTURE / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_old_checkpoint_resumes_bit_for_bit(tmp_path):
+    checkpoints = tmp_path / "old"  # a copy: the fixture stays as it was written
+    shutil.copytree(FIXTURE / "checkpoints", checkpoints)
+    settings = json.loads((FIXTURE / "settings.json").read_text())
+    output = deepspeed_train("tiny", [f"train.output_dir={tmp_path / 'run'}", *settings, "train.max_steps=3",
+                                      f"train.resume={checkpoints / 'step2'}"])
+    assert f"resumed from {checkpoints / 'step2'} at step 2" in output
+    new = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in new] == [3]
+    expected = old_records()[2]
+    assert {k: new[0][k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
+
+
+def test_old_checkpoint_exports_the_same_tensors(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from brivl_ds.export import main as export
+
+    monkeypatch.chdir(REPO)  # the old run recorded its data and tokenizer paths relative to the repository
+    export(["--checkpoint", str(FIXTURE / "checkpoints"), "--tag", "step2", "--out", str(tmp_path / "exported")])
+    expected = json.loads((FIXTURE / "export_step2.json").read_text())
+    weights = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    digests = {name: hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+               for name, t in sorted(weights.items())}
+    assert digests == expected["tensors"]
+    assert json.loads((tmp_path / "exported" / "export.json").read_text())["tau"] == expected["tau"]
+
+
+def test_the_fixture_is_what_its_manifest_says():
+    """A changed fixture file would make the tests above compare against something the old code never wrote."""
+    from brivl_ds.checkpointing.store import CheckpointStore
+
+    assert CheckpointStore(FIXTURE / "checkpoints").verify("step2") == []
