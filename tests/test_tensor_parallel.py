@@ -149,7 +149,7 @@ def _captured_core_outputs(model, batch) -> dict[str, torch.Tensor]:
 def _dropout_worker(rank, world):
     import torch.distributed as dist
 
-    from brivl_ds.checkpointing.rng import rng_state, set_rng_state
+    from brivl_ds.checkpointing.rng_state import rng_state, set_rng_state
     from brivl_ds.models.brivl import BriVL
     from brivl_ds.parallel.groups import init_tensor_parallel
     from brivl_ds.parallel.rng import init_tensor_parallel_rng

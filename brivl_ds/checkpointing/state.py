@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from brivl_ds.checkpointing.rng import rng_state, set_rng_state
+from brivl_ds.checkpointing.rng_state import rng_state, set_rng_state
 from brivl_ds.config import Config
 from brivl_ds.data.stream import StreamState
 from brivl_ds.moco.momentum import MomentumUpdater
