@@ -36,6 +36,13 @@ def _store_client(timeout_s: float):
                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
+def say(line: str) -> None:
+    """One line to stderr in a single write: the ranks share the launcher's pipe, and print's separate write of
+    the newline let two ranks' diagnoses run together on one line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 class Watchdog:
     def __init__(self, rank: int, world: int, hang_timeout_s: float, interval_s: float | None = None):
         self.rank, self.world, self.timeout = rank, world, hang_timeout_s
@@ -97,8 +104,7 @@ class Watchdog:
             except Exception:  # rank 0 (the store's host) is gone; the diagnosis below says so
                 pass
             if peer_stopped or time.monotonic() - self._progress > self.timeout:
-                print(f"ERROR: {self.diagnose()} (resilience.hang_timeout_s={self.timeout:g})", file=sys.stderr,
-                      flush=True)
+                say(f"ERROR: {self.diagnose()} (resilience.hang_timeout_s={self.timeout:g})")
                 self._stop_job()
                 os._exit(EXIT_STALLED)  # the main thread is blocked; nothing else can stop it
 

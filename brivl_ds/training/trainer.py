@@ -9,7 +9,6 @@ each under the watchdog's phase so a stalled rank is named.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from brivl_ds.moco.model import BriVLMoCo, run_moco
 from brivl_ds.parallel.groups import check_same_batch
 from brivl_ds.resilience.drills import Drills
 from brivl_ds.resilience.nonfinite import NonFiniteSteps, step_without_update
-from brivl_ds.resilience.watchdog import StepTimes, Watchdog
+from brivl_ds.resilience.watchdog import StepTimes, Watchdog, say
 from brivl_ds.training.batches import MicroBatch, StepBatches
 from brivl_ds.training.metrics_log import MetricsLog
 from brivl_ds.training.setup import build_training, run_summary
@@ -142,8 +141,8 @@ class Trainer:
         except Exception as err:
             if self.watchdog.started and not isinstance(err, (CheckpointSaveError, NonFiniteSteps)):
                 # a collective failed (a peer died or timed out): say which rank holds the job up
-                print(f"ERROR on rank {self.info.rank}: {type(err).__name__}: {str(err)[:500]}. Diagnosis: "
-                      f"{self.watchdog.diagnose(settle=True)}", file=sys.stderr, flush=True)
+                say(f"ERROR on rank {self.info.rank}: {type(err).__name__}: {str(err)[:500]}. Diagnosis: "
+                    f"{self.watchdog.diagnose(settle=True)}")
             raise
         finally:
             self.watchdog.stop()
