@@ -3,7 +3,8 @@
 tests/fixtures/checkpoint-451fbdc/ holds what that commit's code wrote (its make.py, run from that checkout): step 2
 of a 2-rank ZeRO-3 run (the tiny preset's layer types at tiny widths, on the committed data), the metrics.jsonl of
 the same run continued to step 3, and the hashes of its export of step 2. Today's code must resume from the old
-checkpoint and give step 3 bit for bit, and export step 2 to the same tensors.
+checkpoint and give step 3 as the old run did (bit for bit on the CPU that wrote it, within cross-CPU rounding
+elsewhere), and export step 2 to the same tensors.
 """
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ import torch
 from conftest import REPO, deepspeed_train
 
 FIXTURE = REPO / "tests" / "fixtures" / "checkpoint-451fbdc"
-COMPARED = ("loss", "loss_i2t", "loss_t2i", "tau", "lr", "grad_norm", "queue_fill", "skipped_rows", "skipped_steps")
+# The old run's step 3 was computed on one CPU; this machine's float kernels may round differently (the README's
+# quick-start figures differ in the third digit between Intel and AMD after 400 steps). One step from the same state
+# agrees to ~1e-6 relative across CPUs; a checkpoint restored wrongly is off by far more (a queue not restored:
+# loss 2.80 instead of 5.52). The LR schedule and the counters are exact.
+FLOATS = ("loss", "loss_i2t", "loss_t2i", "tau", "grad_norm")
+EXACT = ("lr", "queue_fill", "skipped_rows", "skipped_steps")
 
 
 def old_records() -> list[dict]:
@@ -26,7 +32,7 @@ def old_records() -> list[dict]:
 
 
 @pytest.mark.slow
-def test_old_checkpoint_resumes_bit_for_bit(tmp_path):
+def test_old_checkpoint_resumes_to_the_old_runs_next_step(tmp_path):
     checkpoints = tmp_path / "old"  # a copy: the fixture stays as it was written
     shutil.copytree(FIXTURE / "checkpoints", checkpoints)
     settings = json.loads((FIXTURE / "settings.json").read_text())
@@ -36,7 +42,8 @@ def test_old_checkpoint_resumes_bit_for_bit(tmp_path):
     new = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in new] == [3]
     expected = old_records()[2]
-    assert {k: new[0][k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
+    assert {k: new[0][k] for k in EXACT} == {k: expected[k] for k in EXACT}
+    assert {k: new[0][k] for k in FLOATS} == pytest.approx({k: expected[k] for k in FLOATS}, rel=1e-4)
 
 
 def test_old_checkpoint_exports_the_same_tensors(tmp_path, monkeypatch):
