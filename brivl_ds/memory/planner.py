@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
 
 from brivl_ds.config import CHINESE_ROBERTA_VOCAB, Config
 from brivl_ds.memory.activations import ActivationModel, StepActivations, build_meta_towers, trace_step
