@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from brivl_ds.data import content_ids
 from brivl_ds.data.shards import read_table
 from brivl_ds.models.brivl import Batch
 
@@ -24,6 +25,7 @@ class Sample:
     box_mask: torch.Tensor  # [max_boxes + 1] bool
     text: str
     row: int
+    image_id: int  # content id of the encoded image (data/content_ids.py)
 
 
 class Collator:
@@ -35,7 +37,8 @@ class Collator:
                                 max_length=self.max_length, return_tensors="pt")
         batch = Batch(torch.stack([s.image for s in samples]), torch.stack([s.boxes for s in samples]),
                       torch.stack([s.box_mask for s in samples]), tokens["input_ids"], tokens["attention_mask"])
-        return batch, {"rows": [s.row for s in samples]}
+        ids = content_ids.as_tensor([(s.image_id, content_ids.caption_id(s.text)) for s in samples])
+        return batch, {"rows": [s.row for s in samples], "content_ids": ids}
 
 
 class PairDataset(Dataset):
@@ -62,8 +65,9 @@ class PairDataset(Dataset):
         for attempt in range(self.max_retries):
             row = (index + attempt) % len(self)
             try:
-                image, boxes, mask = self.transform(self.images[row].as_py(), self.boxes[row] or [], row)
-                return Sample(image, boxes, mask, self.texts[row], row)
+                encoded = self.images[row].as_py()
+                image, boxes, mask = self.transform(encoded, self.boxes[row] or [], row)
+                return Sample(image, boxes, mask, self.texts[row], row, content_ids.image_id(encoded))
             except Exception as err:  # undecodable or truncated image: replaced and counted, never fatal
                 if row not in self.skipped:
                     log.warning("skipping held-out row %d (%s): %s", row, self.table.column("id")[row], err)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from brivl_ds.data import epoch_layout
+from brivl_ds.data import content_ids, epoch_layout
 from brivl_ds.data.dataset import Sample
 from brivl_ds.data.shards import shard_index
 
@@ -196,7 +196,7 @@ class ShardStream(IterableDataset):
                 if not raw.text or not raw.text.strip():
                     raise ValueError("empty text")
                 image, boxes, mask = self.transform(raw.image, raw.boxes, self.sample_seed(row))
-                samples.append(Sample(image, boxes, mask, raw.text, row))
+                samples.append(Sample(image, boxes, mask, raw.text, row, content_ids.image_id(raw.image)))
             except Exception as err:  # one bad row never stops a run: replaced below, counted
                 log.warning("skipping row %d (%s): %s", row, raw.id, err)
                 failed.append(row)

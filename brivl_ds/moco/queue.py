@@ -22,8 +22,17 @@ def all_gather_keys(keys: torch.Tensor, group: dist.ProcessGroup | None = None) 
     return torch.cat([g[:n] for g, n in zip(gathered, sizes_list)])
 
 
+def no_content_ids(n: int, dim: int = 2, start: int = 0) -> torch.Tensor:
+    """[n, dim] ids that match nothing: distinct negative values (real content ids are >= 0)."""
+    return -(1 + start + torch.arange(n, dtype=torch.long)).unsqueeze(1).expand(n, dim).contiguous()
+
+
 class KeyQueue:
-    """A ring buffer of K normalised keys [K, D].
+    """A ring buffer of K normalised keys [K, D] and the content ids of their pairs [K, 2] (image, caption).
+
+    The ids travel with the keys through the all-gathered enqueue and the checkpoints, so that a query's own image
+    or caption in the queue can be masked out of its negatives (moco/loss.py). Rows never written, and rows
+    restored from checkpoints that predate the ids, hold ids that match nothing.
 
     Rows are written from 0 upward, so until the queue is full its valid keys are the prefix [0, filled).
     Any batch size works (no `K % batch == 0` requirement): writes wrap around. When one enqueue brings more
@@ -35,6 +44,7 @@ class KeyQueue:
         if size < 0:
             raise ValueError(f"queue size must be >= 0, got {size}")
         self.keys = torch.zeros(size, dim, dtype=dtype, device=device)
+        self.ids = no_content_ids(size).to(device)
         self.ptr = 0
         self.filled = 0
 
@@ -46,22 +56,31 @@ class KeyQueue:
         """The keys written so far ([filled, D]); all K once the queue has wrapped."""
         return self.keys[: self.filled]
 
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
-        """All-gather this rank's keys across `group` and write them; every rank ends with the same queue."""
-        self.write(all_gather_keys(keys.detach().to(self.keys.dtype), group))
+    def valid_ids(self) -> torch.Tensor:
+        """The content ids of `valid()`'s rows ([filled, 2] int64)."""
+        return self.ids[: self.filled]
 
     @torch.no_grad()
-    def write(self, keys: torch.Tensor) -> None:
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+        """All-gather this rank's keys and their content ids across `group` and write them; every rank ends with
+        the same queue."""
+        self.write(all_gather_keys(keys.detach().to(self.keys.dtype), group),
+                   all_gather_keys(ids.to(self.ids.device), group))
+
+    @torch.no_grad()
+    def write(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
         n, k = keys.shape[0], self.size
+        if ids.shape != (n, self.ids.shape[1]):
+            raise ValueError(f"ids must be [{n}, {self.ids.shape[1]}] for {n} keys, got {tuple(ids.shape)}")
         if k == 0 or n == 0:
             return
         start = self.ptr
         if n > k:  # only the newest K survive; they sit where writing all n in order would leave them
             start = (self.ptr + n - k) % k
-            keys = keys[n - k:]
+            keys, ids = keys[n - k:], ids[n - k:]
         index = (start + torch.arange(keys.shape[0], device=self.keys.device)) % k
         self.keys[index] = keys.to(self.keys.device)
+        self.ids[index] = ids.to(self.ids.device)
         self.ptr = (self.ptr + n) % k
         self.filled = min(self.filled + n, k)
 
@@ -69,7 +88,8 @@ class KeyQueue:
     def shard_state(self, rank: int, world: int) -> dict:
         rows = torch.tensor_split(torch.arange(self.size), world)[rank]
         start = int(rows[0]) if len(rows) else 0
-        return {"rows": self.keys[start:start + len(rows)].cpu().clone(), "start": start, "ptr": self.ptr,
+        return {"rows": self.keys[start:start + len(rows)].cpu().clone(),
+                "ids": self.ids[start:start + len(rows)].cpu().clone(), "start": start, "ptr": self.ptr,
                 "filled": self.filled, "size": self.size}
 
     def load_shards(self, shards: list[dict]) -> None:
@@ -77,5 +97,9 @@ class KeyQueue:
         if not shards or shards[0]["size"] != self.size:
             raise ValueError(f"checkpoint queue size {shards[0]['size'] if shards else None} != {self.size}")
         for shard in shards:
-            self.keys[shard["start"]:shard["start"] + shard["rows"].shape[0]] = shard["rows"].to(self.keys)
+            start, n = shard["start"], shard["rows"].shape[0]
+            self.keys[start:start + n] = shard["rows"].to(self.keys)
+            # checkpoints written before content ids: their keys mask nothing
+            ids = shard["ids"] if "ids" in shard else no_content_ids(n, self.ids.shape[1], start)
+            self.ids[start:start + n] = ids.to(self.ids)
         self.ptr, self.filled = shards[0]["ptr"], shards[0]["filled"]

@@ -21,6 +21,7 @@ from brivl_ds.models.brivl import Batch
 class MicroBatch:
     batch: Batch
     rows: list[int]  # global row ids, for the post-mortem of a non-finite step
+    content_ids: torch.Tensor  # [B, 2] int64 image and caption ids (data/content_ids.py): false negatives
     skipped: int  # rows that failed at read time and were replaced by others
     data_wait: float  # seconds the training loop waited for it
 
@@ -53,7 +54,7 @@ class StepBatches:
                     raise RuntimeError(f"data loader yielded batch {meta['position']} of epoch {state.epoch}, "
                                        f"expected {state.batch_in_epoch}")
                 state.batch_in_epoch += 1
-                yield MicroBatch(batch, meta["rows"], meta["skipped"], time.perf_counter() - t_fetch)
+                yield MicroBatch(batch, meta["rows"], meta["content_ids"], meta["skipped"], time.perf_counter() - t_fetch)
                 t_fetch = time.perf_counter()
             self.set_state(StreamState(epoch=state.epoch + 1))
 
