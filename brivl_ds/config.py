@@ -107,6 +107,12 @@ class MocoConfig:
     tau_min: float = 0.01
     tau_max: float = 1.0
     learn_tau: bool = True
+    negatives: str = "queue"
+    """queue (the paper's cross-modal MoCo), batch (CLIP's InfoNCE over the all-gathered global batch, no momentum
+    encoders) or queue+batch (ALBEF: the batch's momentum keys joined to the queue); see brivl_ds/moco/loss.py."""
+    mask_false_negatives: bool = False
+    """Leave a negative out of a query's loss when its pair has the query's image (same bytes) or caption (same
+    normalised text): copies of the query's own pair are not negatives."""
     loss_impl: str = "auto"
     """Queue-contrastive loss: auto (Triton kernel on CUDA or under TRITON_INTERPRET=1), triton, reference."""
     momentum_impl: str = "auto"
@@ -201,6 +207,9 @@ class TrainConfig:
     stop_at_step: int = -1
     """Checkpoint and exit after this step without changing the LR schedule (time-limited jobs, preemption
     drills); -1 = run to the end."""
+    staleness_every: int = 0
+    """Every N steps, measure how stale the queue is (brivl_ds/moco/staleness.py: the loss against the queue vs
+    against its samples re-encoded by today's momentum encoder); a study tool for small presets; 0 = off."""
     resume: str = "auto"
     """auto (latest checkpoint in output_dir if any), none, or a checkpoint directory."""
     threads: int = 0
@@ -277,6 +286,8 @@ class Config:
         if self.parallel.sequence_parallel:
             raise ValueError("parallel.sequence_parallel is not supported: DeepSpeed would not all-reduce the "
                              "LayerNorm gradients of sequence-parallel regions")
+        if self.train.staleness_every and self.moco.negatives == "batch":
+            raise ValueError("train.staleness_every measures the queue; moco.negatives=batch has none")
         if self.data.train_path is not None and self.model.text.tokenizer_path is None \
                 and self.model.text.pretrained_path is None:
             raise ValueError("set model.text.tokenizer_path (a local Hugging Face tokenizer directory) "

@@ -88,3 +88,43 @@ def gather_objects(obj) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+
+def gathered_sizes(n: int, group=None, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's row count `n`, in rank order (one small all-gather)."""
+    size = torch.tensor([n], device=device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    return [int(s.item()) for s in sizes]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Rows of every rank of `group`, in rank order; the backward sums every rank's gradient of the gathered rows
+    (an all-reduce, which gloo has, unlike reduce-scatter) and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, sizes: list[int], start: int) -> torch.Tensor:
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        gathered = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(gathered, padded.contiguous(), group=group)
+        ctx.group, ctx.start, ctx.n = group, start, x.shape[0]
+        return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.start:ctx.start + ctx.n], None, None, None
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    """(rows of every rank of `group` in rank order, the index of this rank's first row); differentiable, as
+    OpenCLIP's `gather_with_grad`: a loss over the gathered rows sends each rank the gradient of its own rows from
+    every rank's loss, so with gradients averaged over ranks the step is that of the global batch's mean loss."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return x, 0
+    sizes = gathered_sizes(x.shape[0], group, x.device)
+    start = sum(sizes[: dist.get_rank(group)])
+    return _AllGatherWithGrad.apply(x, group, sizes, start), start

@@ -133,9 +133,9 @@ def _worker(rank, world, data, out_dir):
         trainer.stream.start_epoch(0, num_workers=0)
         loader = DataLoader(trainer.stream, batch_size=None)
         losses, grad_norms, updates, lrs = [], [], [], []
-        for _, (batch, _) in zip(range(steps), loader):
+        for _, (batch, meta) in zip(range(steps), loader):
             lrs.append(trainer.scheduler.get_last_lr()[0])
-            losses.append(trainer.train_step(batch)["loss"])
+            losses.append(trainer.train_step(batch, meta["content_ids"])["loss"])
             grad_norms.append(float(engine.get_global_grad_norm()))
             updates.append({n: safe_get_full_fp32_param(params[n]) - before[n] for n in trainable})
         hook.remove()

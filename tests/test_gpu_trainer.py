@@ -61,7 +61,7 @@ def _fused_equals_eager_worker(rank, world, settings, out_file):
     loader = iter(DataLoader(trainer.stream, batch_size=None))
     ema, m, worst = trainer.momentum, trainer.cfg.moco.momentum, {"loss": 0.0, "grad": 0.0, "ema": 0.0}
     for step in range(4):
-        batch = next(loader)[0]
+        batch, meta = next(loader)
         if step >= 1:  # the queues hold keys from step 2 on: compare the fused loss with the eager one on them
             with torch.no_grad():
                 out = run_moco(trainer.engine, batch.to(trainer.info.device, dtype=trainer.dtype))
@@ -78,7 +78,7 @@ def _fused_equals_eager_worker(rank, world, settings, out_file):
             worst["grad"] = max(worst["grad"], max(((f.float() - e.float()).norm() / e.float().norm()).item()
                                                    for f, e in zip(fused[1:], eager[1:])))
         before = [t.clone() for t in ema.master]
-        trainer.train_step(batch)
+        trainer.train_step(batch, meta["content_ids"])
         for (online, _), prev, now, low in zip(ema.pairs, before, ema.master, ema.lowp):
             theta = safe_get_local_fp32_param(online).view(-1)[: now.numel()].double()
             expected = m * prev.double() + (1 - m) * theta

@@ -119,9 +119,9 @@ def _worker(rank, world, data, out_dir, threshold, recipe):
     trainer.engine.forward = counter.during("forward", trainer.engine.forward)
     ema.update = counter.during("ema", ema.update)
     trainer.stream.start_epoch(0, num_workers=0)
-    for step, (batch, _) in zip(range(2), DataLoader(trainer.stream, batch_size=None)):
+    for step, (batch, meta) in zip(range(2), DataLoader(trainer.stream, batch_size=None)):
         before = [t.clone() for t in ema.master]
-        assert trainer.train_step(batch)["applied"]
+        assert trainer.train_step(batch, meta["content_ids"])["applied"]
         assert any(not torch.equal(a, b) for a, b in zip(before, ema.master))  # the EMA ran and moved the shards
 
     # The counters see DeepSpeed's collectives: the forward gathers the partitioned parameters.

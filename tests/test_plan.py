@@ -41,8 +41,8 @@ def _one_step(trainer):
 
     trainer.engine.train()
     trainer.stream.start_epoch(0, num_workers=0)
-    batch, _ = next(iter(DataLoader(trainer.stream, batch_size=None)))
-    return batch, trainer.train_step(batch)
+    batch, meta = next(iter(DataLoader(trainer.stream, batch_size=None)))
+    return batch, trainer.train_step(batch, meta["content_ids"])
 
 
 def _worker(rank, world, preset, settings, data, out_dir, tp, persistence, ds_config):

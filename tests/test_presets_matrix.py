@@ -55,6 +55,11 @@ REDUCED: dict[str, list[str]] = {
             "model.text.num_layers=2", "model.text.hidden_size=64", "model.text.num_heads=4",
             "model.text.intermediate_size=256", "model.text.sa_heads=4"],
 }
+# Each choice of negatives runs through the launcher on some preset, with its exact resume (tiny, in the quick
+# start's tests, and paper-1b keep the paper's queue). Not sizes, but the objective's alternatives: the only other
+# fields a variant may set.
+OBJECTIVE = {"base": ["moco.negatives=queue+batch", "moco.mask_false_negatives=true"], "10b": ["moco.negatives=batch"]}
+OBJECTIVE_FIELDS = {"moco.negatives", "moco.mask_false_negatives"}
 # Steps and schedule length are run sizes too; the run also evaluates at step N, just after the checkpoint the
 # resumed run starts from, so an evaluation must not change what training does next. The rest: data and weights.
 RUN = [f"train.max_steps={2 * N}", f"train.save_every={N}", f"train.eval_every={N}", "optim.warmup_steps=2",
@@ -125,7 +130,7 @@ def settings_for(preset, data, pretrained, out_dir):
                   f"model.image.pretrained_path={pretrained['cnn']}"]
     else:
         paths += [f"model.text.tokenizer_path={data['tokenizer']}"]
-    return REDUCED[preset] + RUN + paths
+    return REDUCED[preset] + OBJECTIVE.get(preset, []) + RUN + paths
 
 
 def metrics(out_dir):
@@ -156,7 +161,8 @@ def test_preset_trains_checkpoints_resumes_exactly_and_evaluates(preset, shapes_
     # the preset's precision and optimizer ran (bf16 + adamw_half for paper-1b), and the losses are real
     run = metrics(full)
     assert [r["step"] for r in run] == list(range(1, 2 * N + 1))
-    assert run[0]["loss"] == 0.0  # empty queues at step 1
+    # the queue is empty at step 1; in-batch negatives exist from the start
+    assert (run[0]["loss"] == 0.0) == (cfg.moco.negatives == "queue"), (cfg.moco.negatives, run[0]["loss"])
     later = [r["loss"] for r in run[1:]]
     assert all(math.isfinite(x) and x > 0 for x in later) and len(set(later)) > 1, later
     assert all(math.isfinite(r["grad_norm"]) for r in run)

@@ -76,7 +76,7 @@ def _reshard_equals_deepspeed_load(rank, world, data, out_dir):
     trainer.engine.train()
     trainer.stream.start_epoch(0, num_workers=0)
     for _, (batch, meta) in zip(range(3), DataLoader(trainer.stream, batch_size=None)):
-        trainer.train_step(batch, rows=meta["rows"])
+        trainer.train_step(batch, meta["content_ids"], rows=meta["rows"])
         trainer.pos.step += 1
         trainer.pos.data.batch_in_epoch += 1
     trainer.save()

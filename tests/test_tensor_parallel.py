@@ -256,7 +256,8 @@ def launch_tiny(out_dir, data, tp, *extra):
     settings = [f"train.output_dir={out_dir}", f"data.train_path={data['train']}", f"data.eval_path={data['eval']}",
                 f"model.text.tokenizer_path={data['tokenizer']}", "model.image.image_size=64", "data.batch_size=4",
                 "moco.queue_size=12", f"train.max_steps={2 * N}", f"train.save_every={N}", "optim.warmup_steps=2",
-                "train.progress_bar=false", f"parallel.tensor_parallel={tp}", *extra]
+                "train.progress_bar=false", f"parallel.tensor_parallel={tp}", "moco.negatives=queue+batch",
+                "moco.mask_false_negatives=true", *extra]
     return deepspeed_train("tiny", settings, world=2 * tp)
 
 
@@ -278,7 +279,9 @@ def assembled_queue(checkpoint: Path, key: str) -> torch.Tensor:
 def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, tmp_path):
     """`deepspeed --num_gpus 4 ... --set parallel.tensor_parallel=2` against `--num_gpus 2` (the same data-parallel
     layout, so the same batches), fp32: the same losses, gradient norms, queues and recall; then TP=2 resumes from
-    step N in a new process bit for bit, and TP=2's checkpoint resumes at TP=1 (resharded)."""
+    step N in a new process bit for bit, and TP=2's checkpoint resumes at TP=1 (resharded). The objective is
+    queue+batch with false negatives masked: the queue, and the batch's keys and content ids gathered over the
+    data-parallel group only (the TP ranks of a group hold the same batch)."""
     tp1, tp2, resumed, tp_to_1 = tmp_path / "tp1", tmp_path / "tp2", tmp_path / "resumed", tmp_path / "tp2-to-tp1"
     launch_tiny(tp1, shapes_data, 1, "train.save_eval_embeddings=true")
     log = launch_tiny(tp2, shapes_data, 2, "parallel.vocab_parallel=true", "train.save_eval_embeddings=true")

@@ -24,9 +24,9 @@ def _epochs_worker(rank, world, data, out_dir):
     trainer = Trainer(cfg)
     seen, train_step = [], trainer.train_step
 
-    def recording(batch, skipped_rows=0, rows=None):
+    def recording(batch, content_ids, skipped_rows=0, rows=None):
         seen.append((trainer.pos.data.epoch, rows))
-        return train_step(batch, skipped_rows, rows)
+        return train_step(batch, content_ids, skipped_rows, rows)
 
     trainer.train_step = recording
     trainer.fit()

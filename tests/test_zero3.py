@@ -17,8 +17,10 @@ from test_towers import small_model_config
 WORLD, STEPS = 2, 5
 
 
-def make_config(data, out_dir, kernels: str = "reference", checkpointed: bool = False) -> Config:
+def make_config(data, out_dir, kernels: str = "reference", checkpointed: bool = False, negatives: str = "queue"
+                ) -> Config:
     cfg = get_preset("tiny")
+    cfg.moco.negatives = negatives
     cfg.model = small_model_config()
     cfg.model.image.max_boxes = 4
     if checkpointed:  # activation checkpointing in the ZeRO-3 run only; frozen lower layers, as the presets have
@@ -77,9 +79,9 @@ def _zero3_worker(rank, world, data, out_dir, kernels, checkpointed):
     persistent = sum(bool(getattr(m, "ds_persist", False)) for m in momentum)
     assert 0 < persistent < len(momentum)  # both kinds of ZeRO-3 parameter are covered
     losses, ema_max_error = [], 0.0
-    for step, (batch, _) in zip(range(STEPS), loader):
+    for step, (batch, meta) in zip(range(STEPS), loader):
         before = gathered(momentum)
-        losses.append(trainer.train_step(batch)["loss"])
+        losses.append(trainer.train_step(batch, meta["content_ids"])["loss"])
         after, online_now = gathered(momentum), gathered(online)
         expected = [b.clone().view(-1) for b in before]
         brivl_kernels.momentum_update_reference_(expected, [o.view(-1) for o in online_now],
@@ -91,6 +93,15 @@ def _zero3_worker(rank, world, data, out_dir, kernels, checkpointed):
     if rank == 0:
         torch.save({"losses": losses, "ema_max_error": ema_max_error, "params": final,
                     "text_queue": trainer.text_queue.keys.clone()}, f"{out_dir}/zero3.pt")
+
+
+def plain_infonce(out) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over one batch, summed over the two directions (as the trainer's loss is)."""
+    import torch.nn.functional as F
+
+    labels = torch.arange(out.image_query.shape[0])
+    logits = out.image_query @ out.text_query.t() / out.tau
+    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
 
 
 def plain_reference(cfg: Config, accum: int = 1) -> dict:
@@ -121,19 +132,20 @@ def plain_reference(cfg: Config, accum: int = 1) -> dict:
     per_rank = [s.epoch_batches() for s in streams]
     losses, lrs = [], []
     for step in range(STEPS):
-        batch, _ = collate([x for s, rows in zip(streams, per_rank) for micro in range(accum)
+        batch, meta = collate([x for s, rows in zip(streams, per_rank) for micro in range(accum)
                             for x in s.load_samples(rows[step * accum + micro])[0]])
         batch = batch.to("cpu", torch.float32)  # uint8 images -> normalised, as the trainer's train_step does
         out = run_moco(model, batch)
-        loss, _ = moco_loss(out, *queues, impl="reference")
+        loss = moco_loss(out, *queues, impl="reference")[0] if cfg.moco.negatives == "queue" else plain_infonce(out)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
-        ema.update(cfg.moco.momentum)
-        queues[0].write(out.image_key)
-        queues[1].write(out.text_key)
+        if cfg.moco.negatives == "queue":
+            ema.update(cfg.moco.momentum)
+            queues[0].write(out.image_key, meta["content_ids"])
+            queues[1].write(out.text_key, meta["content_ids"])
         losses.append(loss.item())
         lrs.append(scheduler.get_last_lr()[0])
     return {"losses": losses, "lrs": lrs, "params": dict(model.named_parameters()), "text_queue": queues[1].keys}
@@ -160,6 +172,38 @@ def test_zero3_two_ranks_equals_plain_pytorch(kernels, checkpointed, shapes_data
     torch.testing.assert_close(got["text_queue"], ref["text_queue"], rtol=1e-4, atol=1e-5)
     # EMA: theta_m <- m theta_m + (1 - m) theta on the shards gives what the formula gives on full tensors
     assert got["ema_max_error"] <= (1e-7 if kernels == "reference" else 1e-6), got["ema_max_error"]
+
+
+def _batch_negatives_worker(rank, world, data, out_dir):
+    from torch.utils.data import DataLoader
+
+    from brivl_ds.training.trainer import Trainer
+
+    trainer = Trainer(make_config(data, out_dir, negatives="batch"))
+    trainer.engine.train()
+    trainer.stream.start_epoch(0, num_workers=0)
+    losses = []
+    for step, (batch, meta) in zip(range(STEPS), DataLoader(trainer.stream, batch_size=None)):
+        losses.append(trainer.train_step(batch, meta["content_ids"])["loss"])
+    assert trainer.text_queue.filled == 0  # no momentum keys in this mode: nothing is enqueued
+    final = dict(zip([n for n, _ in trainer.model.named_parameters()], gathered(list(trainer.model.parameters()))))
+    if rank == 0:
+        torch.save({"losses": losses, "params": final}, f"{out_dir}/batch.pt")
+
+
+@pytest.mark.slow
+def test_batch_negatives_on_two_ranks_equal_plain_infonce_on_the_global_batch(shapes_data, tmp_path):
+    """moco.negatives=batch on 2 ZeRO-3 ranks of 4 = CLIP's InfoNCE over the batch of 8 in one process: the same
+    losses and parameters step by step. Each rank's loss covers only its own queries, so the other rank's part of
+    the gradient reaches it only through the differentiable all-gather; without it the steps would differ."""
+    run_distributed(_batch_negatives_worker, WORLD, shapes_data, str(tmp_path))
+    got = torch.load(tmp_path / "batch.pt", weights_only=False)
+    ref = plain_reference(make_config(shapes_data, tmp_path / "ref", negatives="batch"))
+    print(json.dumps({"zero3": got["losses"], "plain": ref["losses"]}))
+    assert ref["losses"][0] > 0  # in-batch negatives exist from the first step
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
+    for name, value in ref["params"].items():
+        torch.testing.assert_close(got["params"][name], value.detach(), rtol=1e-4, atol=1e-5, msg=name)
 
 
 def _bf16_worker(rank, world, data, out_dir, recipe):
@@ -189,9 +233,9 @@ def _bf16_worker(rank, world, data, out_dir, recipe):
     trainer.stream.start_epoch(0, num_workers=0)
     loader = DataLoader(trainer.stream, batch_size=None)
     m = cfg.moco.momentum
-    for step, (batch, _) in zip(range(3), loader):
+    for step, (batch, meta) in zip(range(3), loader):
         before = [t.clone() for t in ema.master]
-        loss = trainer.train_step(batch)["loss"]
+        loss = trainer.train_step(batch, meta["content_ids"])["loss"]
         assert torch.isfinite(torch.tensor(loss))
         for (online, _), prev, now, low in zip(ema.pairs, before, ema.master, ema.lowp):
             theta = safe_get_local_fp32_param(online).view(-1)[: now.numel()].float()
@@ -205,7 +249,8 @@ def _bf16_worker(rank, world, data, out_dir, recipe):
     moments = [opt.optimizer.state[f][k].clone() for f in opt.fp32_partitioned_groups_flat
                for k in ("exp_avg", "exp_avg_sq")]
     skipped_before, lr_before = trainer.engine.skipped_steps, trainer.scheduler.get_last_lr()
-    assert trainer.train_step(next(iter(loader))[0])["applied"] is False
+    batch, meta = next(iter(loader))
+    assert trainer.train_step(batch, meta["content_ids"])["applied"] is False
     after = [*opt.fp32_partitioned_groups_flat, *ema.master, trainer.image_queue.keys]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.equal(a, opt.optimizer.state[f][k]) for a, (f, k) in zip(
@@ -241,7 +286,8 @@ def _accum_worker(rank, world, data, out_dir):
     for step in range(STEPS):
         for micro in range(ACCUM):
             before, ptr = gathered(momentum), trainer.text_queue.ptr
-            stats = trainer.train_step(next(loader)[0])
+            batch, meta = next(loader)
+            stats = trainer.train_step(batch, meta["content_ids"])
             boundary = micro == ACCUM - 1
             assert stats["boundary"] == boundary
             # the EMA and the enqueue happen once per optimizer step, at its last micro-batch

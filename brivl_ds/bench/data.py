@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFilter, features
 from torchvision import transforms as T
 
+from brivl_ds.bench import cores, cpu_model
 from brivl_ds.config import AugmentConfig, base
 from brivl_ds.data import transforms as ours
 from brivl_ds.data.transforms import PairTransform
@@ -229,11 +229,8 @@ def _convert_in_fresh_python(argv: list[str]) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------ report
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown CPU")
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     turbo = "yes" if features.check_feature("libjpeg_turbo") else "no"
-    return (f"{model}, {os.cpu_count()} cores ({usable} usable); torch {torch.__version__}, torchvision "
+    return (f"{cpu_model()}, {cores()}; torch {torch.__version__}, torchvision "
             f"{torchvision.__version__}, Pillow {PIL.__version__} (libjpeg-turbo: {turbo}); "
             f"torch threads {torch.get_num_threads()}, single process")
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from brivl_ds.config import MocoConfig
 from brivl_ds.models.brivl import Batch, BriVL
-from brivl_ds.moco.loss import MocoOutputs
+from brivl_ds.moco.loss import MocoOutputs, uses_momentum_keys
 
 
 class BriVLMoCo(nn.Module):
@@ -29,10 +29,21 @@ class BriVLMoCo(nn.Module):
             p.requires_grad_(False)
         # log(tau) keeps tau positive; shape [1] because DeepSpeed cannot broadcast 0-d parameters.
         self.log_tau = nn.Parameter(torch.tensor([math.log(cfg.tau_init)]), requires_grad=cfg.learn_tau)
+        # In bf16 runs log_tau's forward value is rounded to bf16 (tau then moves in ~1.6 % steps while the
+        # optimizer's fp32 master moves smoothly): the trainer keeps the master's value here (set_log_tau_master)
+        # and the forward uses it, with the gradient still flowing through the parameter.
+        self.log_tau_master: torch.Tensor | None = None
+        self.with_keys = uses_momentum_keys(cfg.negatives)
+
+    def set_log_tau_master(self, value: torch.Tensor | None) -> None:
+        self.log_tau_master = None if value is None else value.detach().float().reshape(1).clone()
 
     def tau(self) -> torch.Tensor:
+        log_tau = self.log_tau.float()
+        if self.log_tau_master is not None:  # the fp32 value, straight through to the parameter's gradient
+            log_tau = log_tau + (self.log_tau_master.to(log_tau.device) - log_tau).detach()
         # Clamped to a sane range: a runaway temperature makes the softmax one-hot (or flat) and stalls training.
-        return self.log_tau.float().exp().clamp(self.cfg.tau_min, self.cfg.tau_max).reshape(())
+        return log_tau.exp().clamp(self.cfg.tau_min, self.cfg.tau_max).reshape(())
 
     def parameter_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """(online, momentum) parameter pairs in a fixed order; both towers have identical structure."""
@@ -49,6 +60,9 @@ class BriVLMoCo(nn.Module):
         """Plain tensors in and out (ZeRO-3's hooks only see tensors); see `outputs` for the named form."""
         batch = Batch(images, boxes, box_mask, input_ids, attention_mask)
         image_query, text_query = self.online(batch)
+        if not self.with_keys:  # in-batch negatives only: the momentum encoders are never run
+            empty = image_query.new_empty(0, image_query.shape[1])
+            return image_query, text_query, empty, empty, self.tau()
         with torch.no_grad():
             image_key, text_key = self.momentum(batch)
         return image_query, text_query, image_key.detach(), text_key.detach(), self.tau()

@@ -12,8 +12,11 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from brivl_ds.moco.loss import STAT_KEYS
+from brivl_ds.moco.staleness import STALENESS_KEYS
+
 TENSORBOARD_TRAIN_KEYS = ("loss", "loss_i2t", "loss_t2i", "tau", "lr", "grad_norm", "samples_per_s", "step_time",
-                          "queue_fill", "skipped_rows", "skipped_steps")
+                          "queue_fill", "skipped_rows", "skipped_steps", *STAT_KEYS)
 
 
 class MetricsLog:
@@ -41,6 +44,9 @@ class MetricsLog:
         if step % self.log_every == 0 or step == 1 or force_tensorboard:
             for key in TENSORBOARD_TRAIN_KEYS:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
+        for key in STALENESS_KEYS:  # at the probe's steps (train.staleness_every)
+            if key in record:
+                self.writer.add_scalar(f"staleness/{key}", record[key], step)
 
     def evaluation(self, step: int, result: dict[str, float]) -> None:
         if not self.enabled:

@@ -26,8 +26,9 @@ from brivl_ds.distributed import all_reduce_mean
 from brivl_ds.evaluation.held_out import evaluate_retrieval
 from brivl_ds.evaluation.recall import format_recall
 from brivl_ds.models.brivl import Batch
-from brivl_ds.moco.loss import moco_loss
+from brivl_ds.moco.loss import STAT_KEYS, ContrastiveLoss
 from brivl_ds.moco.model import BriVLMoCo, run_moco
+from brivl_ds.moco.staleness import StalenessProbe
 from brivl_ds.parallel.groups import check_same_batch
 from brivl_ds.resilience.drills import Drills
 from brivl_ds.resilience.nonfinite import NonFiniteSteps, step_without_update
@@ -59,11 +60,17 @@ class Trainer:
         self.eval_set: PairDataset | None = None  # read on first use
         self.last_eval: tuple[int, dict[str, float]] = (-1, {})
         self._bad_micro_steps = 0  # micro-steps of the current accumulation with a non-finite loss or key
-        self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's keys, enqueued at its end
+        self.loss_fn = ContrastiveLoss(self.cfg.moco, self.groups.dp_group)
+        self.staleness = StalenessProbe(
+            self.cfg.train.staleness_every, self.cfg.moco.queue_size,
+            self.cfg.data.batch_size * self.groups.dp * self.cfg.train.grad_accum_steps, self.groups.dp_group)
+        # this step's keys and their content ids, enqueued at its end
+        self._pending_keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._micro_stats: list[torch.Tensor] = []  # this step's loss statistics, one row per micro-step
         if self.info.is_main:
             print(run_summary(setup), flush=True)
         resumed = self.checkpointer.resume(self.state, self.cfg.train.resume)
+        self._refresh_tau_master()
         self.metrics = MetricsLog(self.out_dir, self.info.is_main, self.cfg.train.log_every,
                                   resumed_at_step=self.pos.step if resumed else None)
 
@@ -72,15 +79,16 @@ class Trainer:
         return self.state.position
 
     # ------------------------------------------------------------------------------------------------- one step
-    def train_step(self, batch: Batch, skipped_rows: int = 0, rows: list[int] | None = None) -> dict[str, float]:
-        """One micro-batch: forward, loss, backward; at the last micro-batch of a step, the optimizer step, the EMA
-        and the enqueue (or the skip of all three)."""
+    def train_step(self, batch: Batch, content_ids: torch.Tensor, skipped_rows: int = 0,
+                   rows: list[int] | None = None) -> dict[str, float]:
+        """One micro-batch (content_ids [B, 2]: its pairs' image and caption ids): forward, loss, backward; at the
+        last micro-batch of a step, the optimizer step, the EMA and the enqueue (or the skip of all three)."""
         if self.groups.tp > 1:
             check_same_batch(batch, self.groups.tp_group, self.info.device)
         batch = batch.to(self.info.device, dtype=self.dtype)
         batch.images = self.hooks.poison(batch.images, rows or [])
         out = run_moco(self.engine, batch)
-        loss, parts = moco_loss(out, self.image_queue, self.text_queue, self.cfg.moco.loss_impl)
+        loss, parts = self.loss_fn(out, content_ids, self.image_queue, self.text_queue)
         loss = self.hooks.loss(loss, self.pos.step + 1)
         finite = torch.isfinite(loss) & torch.isfinite(out.image_key).all() & torch.isfinite(out.text_key).all()
         # One small all-reduce for the console, TensorBoard and the skip decision: losses averaged, skipped rows
@@ -88,13 +96,13 @@ class Trainer:
         stats = all_reduce_mean(torch.stack([loss.detach().float(), parts["loss_i2t"].float(),
                                              parts["loss_t2i"].float(),
                                              torch.tensor(float(skipped_rows), device=loss.device),
-                                             (~finite).float()]))
+                                             (~finite).float(), *(parts[key].float() for key in STAT_KEYS)]))
         self._micro_stats.append(stats)
         if not bool(finite):  # for the post-mortem: which rank, which rows (a poisoned sample is among them)
             print(f"rank {self.info.rank}: non-finite loss or key at step {self.pos.step + 1}; rows of its batch: "
                   f"{rows}", flush=True)
         self._bad_micro_steps += stats[4].item() > 0
-        self._pending_keys.append((out.image_key, out.text_key))
+        self._pending_keys.append((out.image_key, out.text_key, content_ids))
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.hooks.maybe_crash_mid_step(self.pos.step + 1)
@@ -108,6 +116,7 @@ class Trainer:
             stats = torch.stack(self._micro_stats).mean(0)
             self._micro_stats.clear()
         return {"loss": stats[0].item(), "loss_i2t": stats[1].item(), "loss_t2i": stats[2].item(),
+                **{key: value.item() for key, value in zip(STAT_KEYS, stats[5:])},
                 "tau": out.tau.item(), "skipped": rows_skipped, "boundary": boundary, "applied": applied}
 
     def _optimizer_step(self) -> bool:
@@ -122,16 +131,26 @@ class Trainer:
             self.engine.step()
         applied = self.engine.skipped_steps == skipped_before
         self._bad_micro_steps = 0
-        if applied:
+        if applied and self.model.with_keys:
             self.momentum.update(self.cfg.moco.momentum)
             # Keys enter at the optimizer step, gathered over the data-parallel group (each once, every rank the
             # same queue): with gradient accumulation every micro-batch of a step meets the same queues, as one
             # batch of the effective size would. A skipped step's keys never enter.
-            image_keys, text_keys = (torch.cat(keys) for keys in zip(*self._pending_keys))
-            self.image_queue.enqueue(image_keys, self.groups.dp_group)
-            self.text_queue.enqueue(text_keys, self.groups.dp_group)
+            image_keys, text_keys, ids = (torch.cat(parts) for parts in zip(*self._pending_keys))
+            self.image_queue.enqueue(image_keys, ids, self.groups.dp_group)
+            self.text_queue.enqueue(text_keys, ids, self.groups.dp_group)
+        if applied:
+            self._refresh_tau_master()
         self._pending_keys.clear()
         return applied
+
+    def _refresh_tau_master(self) -> None:
+        """In low-precision runs, give the forward the fp32 master of log(tau) (a small collective under ZeRO-3)."""
+        if self.dtype == torch.float32:
+            return
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        self.model.set_log_tau_master(safe_get_full_fp32_param(self.model.log_tau))
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, float]:
@@ -164,7 +183,13 @@ class Trainer:
             with self.watchdog.phase(pos.step + 1, "step"):
                 stats = self._train_one_step(micro_batches)
             pos.step += 1
-            self._count_skip(stats.pop("applied"))
+            applied = stats.pop("applied")
+            self._count_skip(applied)
+            if applied and self.staleness.every:
+                self.staleness.record([(m.batch, m.content_ids) for m in micro_batches])
+                if self.staleness.due(pos.step):
+                    stats.update(self.staleness.measure(self.model, self.loss_fn, self.image_queue, self.text_queue,
+                                                        self.info.device, self.dtype))
             now = time.perf_counter()
             stats.update(lr=self.scheduler.get_last_lr()[0], grad_norm=self._grad_norm(), step_time=now - t_last,
                          samples_per_s=(pos.samples - samples_last) / (now - t_last),
@@ -195,7 +220,7 @@ class Trainer:
     def _train_one_step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
         """Every micro-batch of one optimizer step; the step's statistics (those of its last micro-batch)."""
         for micro in micro_batches:
-            stats = self.train_step(micro.batch, micro.skipped, micro.rows)
+            stats = self.train_step(micro.batch, micro.content_ids, micro.skipped, micro.rows)
             self.pos.samples += len(micro.batch) * self.groups.dp
             self.pos.skipped_rows += stats.pop("skipped")
         if not stats.pop("boundary"):

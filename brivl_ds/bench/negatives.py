@@ -1,0 +1,156 @@
+"""Queue vs in-batch negatives, measured through the trainer: the WenLan paper's claim that a queue of negatives
+beats in-batch negatives at small batches.
+
+  python -m brivl_ds.bench.negatives --out runs/negatives [--modes queue batch queue+batch] [--batch-sizes 4 16]
+      [--mask off on] [--seeds 1234] [--steps 400] [--ranks 2] [--set section.field=value ...]
+
+Every run is `deepspeed --num_gpus RANKS brivl_ds/train.py --preset tiny` with one cell's settings; runs of one
+batch size and seed see the same samples in the same order (the stream depends on the seed, the batch size and the
+ranks only), so the modes are compared at matched steps and samples. A finished run (its eval.json) is reused, so
+the study can be stopped and restarted. It writes results.json (every run's final evaluation, wall time and loss
+curve), table.md (means over seeds, the spread where there are several) and curves.png (the loss per step).
+It prints what it measured, with the machine, and asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from brivl_ds.bench import cores, cpu_model
+
+REPO = Path(__file__).resolve().parents[2]
+METRICS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "zeroshot_acc1")
+
+
+def run_name(mode: str, batch: int, mask: bool, seed: int) -> str:
+    return f"{mode.replace('+', '-')}_b{batch}_{'mask' if mask else 'nomask'}_s{seed}"
+
+
+def train(out: Path, ranks: int, settings: dict[str, object], extra: list[str]) -> float:
+    """One training run through the launcher; returns its wall time in seconds."""
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    sets += [arg for assignment in extra for arg in ("--set", assignment)]
+    command = ["deepspeed", "--num_gpus", str(ranks), str(REPO / "brivl_ds" / "train.py"), "--preset", "tiny",
+               *sets, "--set", f"train.output_dir={out}", "--set", "train.progress_bar=false"]
+    start = time.perf_counter()
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return time.perf_counter() - start
+
+
+def read_run(out: Path) -> dict:
+    evaluation = json.loads((out / "eval.json").read_text())
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    curve = [r for r in curve if "loss" in r]
+    return {"eval": evaluation, "loss": [r["loss"] for r in curve],
+            "neg_lse": [r.get("neg_lse") for r in curve], "dup_share": [r.get("dup_share") for r in curve]}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Mean (and min-max spread) of each metric over the seeds of a (mode, batch, mask) cell."""
+    cells: dict[tuple, list[dict]] = {}
+    for run in runs:
+        cells.setdefault((run["mode"], run["batch"], run["mask"]), []).append(run)
+    rows = []
+    for (mode, batch, mask), members in sorted(cells.items(), key=lambda c: (c[0][1], c[0][2], c[0][0])):
+        row = {"mode": mode, "batch": batch, "mask": mask, "seeds": len(members),
+               "minutes": statistics.mean(m["seconds"] for m in members) / 60}
+        for metric in METRICS:
+            values = [m["eval"][metric] for m in members if metric in m["eval"]]
+            if values:
+                row[metric] = (statistics.mean(values), min(values), max(values))
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], ranks: int) -> str:
+    present = [m for m in METRICS if any(m in r for r in rows)]
+    head = ["negatives", "global batch", "masking", "seeds", *present, "min per run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["mode"], str(r["batch"] * ranks), "on" if r["mask"] else "off", str(r["seeds"])]
+        for metric in present:
+            if metric not in r:
+                cells.append("not measured")
+                continue
+            mean, low, high = r[metric]
+            cells.append(f"{100 * mean:.1f}" + (f" ({100 * low:.1f}-{100 * high:.1f})" if r["seeds"] > 1 else ""))
+        cells.append(f"{r['minutes']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path, ranks: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in runs})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for run in (r for r in runs if r["batch"] == batch):
+            loss = run["loss"]
+            window = 20  # a running mean: single steps of a 16-sample batch are noisy
+            smooth = [statistics.mean(loss[max(0, i - window + 1): i + 1]) for i in range(len(loss))]
+            ax.plot(range(1, len(loss) + 1), smooth, label=f"{run['mode']}, mask {'on' if run['mask'] else 'off'}, "
+                    f"seed {run['seed']}")
+        ax.set_title(f"global batch {batch * ranks}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (L_I2T + L_T2I), running mean of 20")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--modes", nargs="+", default=["queue", "batch", "queue+batch"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[4, 16], help="per rank")
+    parser.add_argument("--mask", nargs="+", choices=["off", "on"], default=["off"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1234])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], dest="extra",
+                        help="more overrides for every run, e.g. data.synthetic_variant=shapes-hard")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for batch, mask, seed, mode in itertools.product(args.batch_sizes, args.mask, args.seeds, args.modes):
+        name, masked = run_name(mode, batch, mask == "on", seed), mask == "on"
+        out = args.out / name
+        timing = out / "wall_seconds.txt"
+        if not (out / "eval.json").exists() or not timing.exists():
+            settings = {"moco.negatives": mode, "data.batch_size": batch, "moco.mask_false_negatives": masked,
+                        "train.seed": seed, "train.max_steps": args.steps, "train.resume": "none"}
+            print(f"training {name} ...", flush=True)
+            timing.parent.mkdir(parents=True, exist_ok=True)
+            timing.write_text(f"{train(out, args.ranks, settings, args.extra):.1f}")
+        runs.append({"name": name, "mode": mode, "batch": batch, "mask": masked, "seed": seed,
+                     "seconds": float(timing.read_text()), **read_run(out)})
+        print(f"{name}: " + ", ".join(f"{m} {100 * runs[-1]['eval'][m]:.1f}" for m in METRICS
+                                      if m in runs[-1]["eval"]), flush=True)
+    machine = f"{cpu_model()}, {cores()}; {args.ranks} ranks (deepspeed launcher, ZeRO-3, fp32)"
+    rows = summarise(runs)
+    command = "python -m brivl_ds.bench.negatives " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = (f"{table(rows, args.ranks)}\n\nHeld-out recall and zero-shot top-1 in percent after {args.steps} steps "
+          f"(`tiny`, {', '.join(args.extra) or 'built-in shapes data'}); measured on {machine} by `{command}`.\n")
+    (args.out / "table.md").write_text(md)
+    (args.out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "runs": runs},
+                                                      indent=1))
+    plot(runs, args.out / "curves.png", args.ranks)
+    print(md)
+    print(f"wrote {args.out / 'table.md'}, {args.out / 'results.json'} and {args.out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
