@@ -4,6 +4,7 @@ The reference below is the textbook algorithm on one process with the global bat
 schedule, torch.nn.utils.clip_grad_norm_, a dense EMA and an un-gathered queue.
 """
 import json
+import math
 import os
 from pathlib import Path
 
@@ -207,7 +208,7 @@ def test_batch_negatives_on_two_ranks_equal_plain_infonce_on_the_global_batch(sh
 
 
 def _bf16_worker(rank, world, data, out_dir, recipe):
-    from deepspeed.utils import safe_get_local_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
     from torch.utils.data import DataLoader
 
     from brivl_ds.training.trainer import Trainer
@@ -235,7 +236,17 @@ def _bf16_worker(rank, world, data, out_dir, recipe):
     m = cfg.moco.momentum
     for step, (batch, meta) in zip(range(3), loader):
         before = [t.clone() for t in ema.master]
-        loss = trainer.train_step(batch, meta["content_ids"])["loss"]
+        # the temperature the step uses is exp of log(tau)'s fp32 master, not of its bf16 rounding (which is
+        # 0.3 % off at log(0.07) and would move tau in 1.6 % steps)
+        master = safe_get_full_fp32_param(trainer.model.log_tau).item()
+        rounded = gathered([trainer.model.log_tau])[0].float().item()
+        stats = trainer.train_step(batch, meta["content_ids"])
+        loss = stats["loss"]
+        assert stats["tau"] == pytest.approx(math.exp(master), rel=1e-6)
+        if recipe == "adamw_half":  # fp32 masters (with bf16 master weights the master is the bf16 value itself)
+            assert abs(math.exp(rounded) / math.exp(master) - 1) > 1e-4, (rounded, master)  # it matters
+            if step == 0:  # and it starts at the configured value, not at its bf16 rounding (0.0702)
+                assert stats["tau"] == pytest.approx(cfg.moco.tau_init, rel=1e-6)
         assert torch.isfinite(torch.tensor(loss))
         for (online, _), prev, now, low in zip(ema.pairs, before, ema.master, ema.lowp):
             theta = safe_get_local_fp32_param(online).view(-1)[: now.numel()].float()

@@ -42,3 +42,25 @@ def copy_local_shards(source: nn.Module, target: nn.Module) -> None:
     target_buffers = dict(target.named_buffers())
     for name, b in source.named_buffers():
         target_buffers[name].copy_(b)
+
+
+def set_fp32_master(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Set the optimizer's fp32 master copy of `param` to `value` (its full shape), on every rank.
+
+    DeepSpeed 0.19's safe_set_full_fp32_param cuts the value into partitions without their padding, so it fails
+    for a ZeRO-3 parameter smaller than its data-parallel group (a one-element temperature over 2 ranks); here
+    each rank writes its own padded slice."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_full_fp32_param
+
+    if not is_partitioned(param):
+        safe_set_full_fp32_param(param, value)
+        return
+    import torch.distributed as dist
+
+    local = safe_get_local_fp32_param(param)
+    n = local.numel()
+    rank = dist.get_rank(group=param.ds_process_group)
+    padded = torch.zeros(n * dist.get_world_size(group=param.ds_process_group), dtype=torch.float32)
+    padded[: value.numel()] = value.detach().float().flatten().cpu()
+    with torch.no_grad():
+        local.view(-1).copy_(padded[rank * n:(rank + 1) * n].to(local.device))

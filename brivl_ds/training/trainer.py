@@ -30,6 +30,7 @@ from brivl_ds.moco.loss import STAT_KEYS, ContrastiveLoss
 from brivl_ds.moco.model import BriVLMoCo, run_moco
 from brivl_ds.moco.staleness import StalenessProbe
 from brivl_ds.parallel.groups import check_same_batch
+from brivl_ds.parallel.zero import set_fp32_master
 from brivl_ds.resilience.drills import Drills
 from brivl_ds.resilience.nonfinite import NonFiniteSteps, step_without_update
 from brivl_ds.resilience.watchdog import StepTimes, Watchdog, say
@@ -69,6 +70,7 @@ class Trainer:
         self._micro_stats: list[torch.Tensor] = []  # this step's loss statistics, one row per micro-step
         if self.info.is_main:
             print(run_summary(setup), flush=True)
+        self._set_exact_tau_init()
         resumed = self.checkpointer.resume(self.state, self.cfg.train.resume)
         self._refresh_tau_master()
         self.metrics = MetricsLog(self.out_dir, self.info.is_main, self.cfg.train.log_every,
@@ -143,6 +145,15 @@ class Trainer:
             self._refresh_tau_master()
         self._pending_keys.clear()
         return applied
+
+    def _set_exact_tau_init(self) -> None:
+        """The fp32 master of log(tau) starts as the bf16 parameter it was made from (log 0.07 -> tau 0.0702):
+        set it to the configured value exactly. A resumed run then loads its own."""
+        if self.dtype == torch.float32:
+            return
+        import math
+
+        set_fp32_master(self.model.log_tau, torch.tensor([math.log(self.cfg.moco.tau_init)]))
 
     def _refresh_tau_master(self) -> None:
         """In low-precision runs, give the forward the fp32 master of log(tau) (a small collective under ZeRO-3)."""
