@@ -63,10 +63,12 @@ def compile_report(kernel, signature: dict, constexprs: dict, num_warps: int, nu
 def contrastive_cases(dtype="bf16", sizes=((16, 2560), (256, 2560), (128, 1024))):
     """(name, kernel, signature, constexprs, warps, stages) for the heuristic configs at the benchmark sizes."""
     t = f"*{dtype}"
-    fwd_sig = dict(q_ptr=t, k_ptr=t, queue_ptr=t, mask_ptr="*u8", tau_ptr="*fp32", part_m_ptr="*fp32",
-                   part_l_ptr="*fp32", part_t_ptr="*fp32", pos_ptr="*fp32", B="i32", K="i32", D="i32",
-                   stride_q="i32", stride_k="i32", stride_queue="i32", tiles_per_split="i32")
-    bwd_sig = dict(q_ptr=t, queue_ptr=t, mask_ptr="*u8", tau_ptr="*fp32", lse_ptr="*fp32", dq_acc_ptr="*fp32",
+    fwd_sig = dict(q_ptr=t, k_ptr=t, queue_ptr=t, mask_ptr="*u8", qid_ptr="*i64", kid_ptr="*i64",
+                   tau_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32", part_t_ptr="*fp32", pos_ptr="*fp32",
+                   B="i32", K="i32", D="i32", stride_q="i32", stride_k="i32", stride_queue="i32",
+                   tiles_per_split="i32")
+    bwd_sig = dict(q_ptr=t, queue_ptr=t, mask_ptr="*u8", qid_ptr="*i64", kid_ptr="*i64",
+                   tau_ptr="*fp32", lse_ptr="*fp32", dq_acc_ptr="*fp32",
                    B="i32", K="i32", D="i32", stride_q="i32", stride_queue="i32", tiles_per_split="i32",
                    n_dchunks="i32")
     prec = "tf32x3" if dtype == "fp32" else "ieee"
@@ -75,12 +77,15 @@ def contrastive_cases(dtype="bf16", sizes=((16, 2560), (256, 2560), (128, 1024))
     for B, D in sizes:
         f = contrastive.default_fwd_config(B, D, wide)
         cases.append((f"contrastive fwd {dtype} B={B} D={D}", contrastive._fwd_kernel, fwd_sig,
-                      dict(HAS_MASK=True, UPCAST=False, PRECISION=prec, BLOCK_B=f.block_b, BLOCK_K=f.block_k,
-                           BLOCK_D=f.block_d), f.num_warps, f.num_stages))
+                      dict(HAS_MASK=True, HAS_IDS=False, ID_COLS=1, UPCAST=False, PRECISION=prec, BLOCK_B=f.block_b,
+                           BLOCK_K=f.block_k, BLOCK_D=f.block_d), f.num_warps, f.num_stages))
         b = contrastive.default_bwd_config(B, D, wide)
         cases.append((f"contrastive bwd {dtype} B={B} D={D}", contrastive._bwd_kernel, bwd_sig,
-                      dict(HAS_MASK=True, UPCAST=False, PRECISION=prec, BLOCK_B=b.block_b, BLOCK_K=b.block_k,
-                           BLOCK_D=b.block_d, BLOCK_DC=b.block_dc), b.num_warps, b.num_stages))
+                      dict(HAS_MASK=True, HAS_IDS=False, ID_COLS=1, UPCAST=False, PRECISION=prec, BLOCK_B=b.block_b,
+                           BLOCK_K=b.block_k, BLOCK_D=b.block_d, BLOCK_DC=b.block_dc), b.num_warps, b.num_stages))
+    # The trainer's false-negative masking: two id columns (image hash, caption hash), at the paper's size.
+    for name, kernel, sig, consts, warps, stages in cases[:2]:
+        cases.append((name + " + ids", kernel, sig, {**consts, "HAS_IDS": True, "ID_COLS": 2}, warps, stages))
     comb_sig = dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_t_ptr="*fp32", pos_ptr="*fp32", tau_ptr="*fp32",
                     lse_ptr="*fp32", loss_ptr="*fp32", dtau_unit_ptr="*fp32", B="i32", S="i32")
     cases.append(("contrastive combine", contrastive._combine_kernel, comb_sig, dict(BLOCK_B=128, BLOCK_S=32), 4, 3))

@@ -16,6 +16,12 @@ its reads through L2. Splits of the queue are summed with fp32 atomics into one 
 O(B*D)); fp32 atomics make dq reproducible only to ~1e-7 relative, not bitwise. `_finalize_kernel` adds the
 positive-key term, scales, and casts.
 
+False negatives (optional content ids, [B, C] and [K, C]): queue entry j is left out of row i when they share any
+id column. The ids of a row tile and a queue tile are compared inside both kernels, so the mask costs a few int64
+loads per tile instead of a [B, K] tensor (K reaches 10^6). A row left out of a whole tile keeps its running max
+(its logits there are NEG), and the positive always stays in, so a row with no negatives gets loss 0, gradient 0.
+Without ids (HAS_IDS=False) the kernels compile to the code they were before.
+
 Inputs may be bf16, fp16 or fp32; everything accumulates in fp32. In the Triton interpreter (CPU) all loads are
 cast to fp32 at once (`UPCAST`): the interpreter's bf16 arithmetic is broken.
 """
@@ -58,9 +64,24 @@ def _logits_tile(q_ptr, queue_ptr, rows64, row_ok, cols64, col_ok, D, stride_q, 
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, queue_ptr, mask_ptr, tau_ptr, part_m_ptr, part_l_ptr, part_t_ptr, pos_ptr,
-                B, K, D, stride_q, stride_k, stride_queue, tiles_per_split,
-                HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _ids_distinct(qid_ptr, kid_ptr, rows64, row_ok, cols64, col_ok, ID_COLS: tl.constexpr):
+    """[BLOCK_B, BLOCK_K]: True where row i and queue entry j differ in every id column (ids are [n, ID_COLS],
+    contiguous). Out-of-range rows and columns read 0: the caller masks those columns, and never stores those rows."""
+    a = tl.load(qid_ptr + rows64 * ID_COLS, mask=row_ok, other=0)
+    b = tl.load(kid_ptr + cols64 * ID_COLS, mask=col_ok, other=0)
+    keep = a[:, None] != b[None, :]
+    for c in tl.static_range(1, ID_COLS):
+        a = tl.load(qid_ptr + rows64 * ID_COLS + c, mask=row_ok, other=0)
+        b = tl.load(kid_ptr + cols64 * ID_COLS + c, mask=col_ok, other=0)
+        keep = keep & (a[:, None] != b[None, :])
+    return keep
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, queue_ptr, mask_ptr, qid_ptr, kid_ptr, tau_ptr, part_m_ptr, part_l_ptr, part_t_ptr,
+                pos_ptr, B, K, D, stride_q, stride_k, stride_queue, tiles_per_split,
+                HAS_MASK: tl.constexpr, HAS_IDS: tl.constexpr, ID_COLS: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -78,15 +99,20 @@ def _fwd_kernel(q_ptr, k_ptr, queue_ptr, mask_ptr, tau_ptr, part_m_ptr, part_l_p
     for t in range(t_begin, t_end):
         cols = t * BLOCK_K + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        s = _logits_tile(q_ptr, queue_ptr, rows64, row_ok, cols.to(tl.int64), col_ok, D, stride_q, stride_queue,
+        cols64 = cols.to(tl.int64)
+        s = _logits_tile(q_ptr, queue_ptr, rows64, row_ok, cols64, col_ok, D, stride_q, stride_queue,
                          UPCAST, PRECISION, BLOCK_B, BLOCK_K, BLOCK_D)
         valid = col_ok
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + cols, mask=col_ok, other=0) != 0)
-        u = tl.where(valid[None, :], s * scale, NEG)
+        keep = valid[None, :]  # [1, BLOCK_K]; per row ([BLOCK_B, BLOCK_K]) with ids
+        if HAS_IDS:
+            keep = keep & _ids_distinct(qid_ptr, kid_ptr, rows64, row_ok, cols64, col_ok, ID_COLS)
+        # A row whose whole tile is left out keeps m (u = NEG <= m) and gains exactly nothing (p zeroed).
+        u = tl.where(keep, s * scale, NEG)
         m_new = tl.maximum(m_i, tl.max(u, axis=1))
         alpha = tl.exp2(m_i - m_new)
-        p = tl.where(valid[None, :], tl.exp2(u - m_new[:, None]), 0.0)
+        p = tl.where(keep, tl.exp2(u - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         t_i = t_i * alpha + tl.sum(p * u, axis=1)
         m_i = m_new
@@ -143,9 +169,10 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_t_ptr, pos_ptr, tau_ptr, lse_pt
 
 
 @triton.jit
-def _bwd_kernel(q_ptr, queue_ptr, mask_ptr, tau_ptr, lse_ptr, dq_acc_ptr,
+def _bwd_kernel(q_ptr, queue_ptr, mask_ptr, qid_ptr, kid_ptr, tau_ptr, lse_ptr, dq_acc_ptr,
                 B, K, D, stride_q, stride_queue, tiles_per_split, n_dchunks,
-                HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_IDS: tl.constexpr, ID_COLS: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr):
     """dq_acc[rows, chunk] += sum_j p_ij queue_j[chunk] over this program's share of the queue."""
     pid0 = tl.program_id(0)  # (row tile, D chunk), chunk fastest: programs on one queue tile run together
@@ -173,7 +200,10 @@ def _bwd_kernel(q_ptr, queue_ptr, mask_ptr, tau_ptr, lse_ptr, dq_acc_ptr,
         valid = col_ok
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + cols, mask=col_ok, other=0) != 0)
-        p = tl.where(row_ok[:, None] & valid[None, :], tl.exp2(s * scale - lse[:, None]), 0.0)
+        keep = row_ok[:, None] & valid[None, :]
+        if HAS_IDS:
+            keep = keep & _ids_distinct(qid_ptr, kid_ptr, rows64, row_ok, cols64, col_ok, ID_COLS)
+        p = tl.where(keep, tl.exp2(s * scale - lse[:, None]), 0.0)
         v = tl.load(queue_ptr + cols64[:, None] * stride_queue + dc[None, :], mask=col_ok[:, None] & dc_ok[None, :],
                     other=0.0)
         if UPCAST:
@@ -263,7 +293,7 @@ def _dot_precision(dtype: torch.dtype, upcast: bool) -> str:
     return "tf32x3" if (upcast or dtype == torch.float32) else "ieee"
 
 
-def _prepare(q, k, queue, tau, queue_mask):
+def _prepare(q, k, queue, tau, queue_mask, query_ids, queue_ids):
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k.detach()
     k = k if k.stride(-1) == 1 else k.contiguous()
@@ -271,10 +301,18 @@ def _prepare(q, k, queue, tau, queue_mask):
     queue = queue if queue.stride(-1) == 1 else queue.contiguous()
     tau32 = tau.detach().reshape(1).to(device=q.device, dtype=torch.float32)
     mask = None if queue_mask is None else queue_mask.to(q.device).contiguous().view(torch.uint8)
-    return q, k, queue, tau32, mask
+    ids = None if query_ids is None else (query_ids.contiguous(), queue_ids.contiguous())
+    return q, k, queue, tau32, mask, ids
 
 
-def _forward(q, k, queue, tau32, mask, cfg: FwdConfig | None, interpreted: bool):
+def _ids_args(ids, dummy):
+    """Kernel arguments for the optional ids: (query ids, queue ids, HAS_IDS, ID_COLS)."""
+    if ids is None:
+        return dict(qid_ptr=dummy, kid_ptr=dummy, HAS_IDS=False, ID_COLS=1)
+    return dict(qid_ptr=ids[0], kid_ptr=ids[1], HAS_IDS=True, ID_COLS=ids[0].shape[1])
+
+
+def _forward(q, k, queue, tau32, mask, ids, cfg: FwdConfig | None, interpreted: bool):
     B, D = q.shape
     K = queue.shape[0]
     upcast = interpreted or not (q.dtype == k.dtype == queue.dtype != torch.float32)
@@ -286,8 +324,9 @@ def _forward(q, k, queue, tau32, mask, cfg: FwdConfig | None, interpreted: bool)
     pos2, lse2 = torch.empty(B, **f32), torch.empty(B, **f32)
     loss, dtau_unit = torch.empty((), **f32), torch.empty((), **f32)
     _fwd_kernel[(n_b, S)](
-        q, k, queue, mask if mask is not None else q, tau32, part_m, part_l, part_t, pos2,
-        B, K, D, q.stride(0), k.stride(0), queue.stride(0), per,
+        q_ptr=q, k_ptr=k, queue_ptr=queue, mask_ptr=mask if mask is not None else q, **_ids_args(ids, q),
+        tau_ptr=tau32, part_m_ptr=part_m, part_l_ptr=part_l, part_t_ptr=part_t, pos_ptr=pos2,
+        B=B, K=K, D=D, stride_q=q.stride(0), stride_k=k.stride(0), stride_queue=queue.stride(0), tiles_per_split=per,
         HAS_MASK=mask is not None, UPCAST=upcast, PRECISION=_dot_precision(q.dtype, upcast),
         BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -296,7 +335,7 @@ def _forward(q, k, queue, tau32, mask, cfg: FwdConfig | None, interpreted: bool)
     return loss, lse2, pos2, dtau_unit
 
 
-def _backward_dq(g, q, k, queue, tau32, mask, lse2, pos2, cfg: BwdConfig | None, interpreted: bool):
+def _backward_dq(g, q, k, queue, tau32, mask, ids, lse2, pos2, cfg: BwdConfig | None, interpreted: bool):
     B, D = q.shape
     K = queue.shape[0]
     upcast = interpreted or not (q.dtype == k.dtype == queue.dtype != torch.float32)
@@ -307,8 +346,9 @@ def _backward_dq(g, q, k, queue, tau32, mask, lse2, pos2, cfg: BwdConfig | None,
         n_pid0 = triton.cdiv(B, cfg.block_b) * n_c
         S, per = _splits(triton.cdiv(K, cfg.block_k), n_pid0, q.device)
         _bwd_kernel[(n_pid0, S)](
-            q, queue, mask if mask is not None else q, tau32, lse2, dq_acc,
-            B, K, D, q.stride(0), queue.stride(0), per, n_c,
+            q_ptr=q, queue_ptr=queue, mask_ptr=mask if mask is not None else q, **_ids_args(ids, q),
+            tau_ptr=tau32, lse_ptr=lse2, dq_acc_ptr=dq_acc, B=B, K=K, D=D, stride_q=q.stride(0),
+            stride_queue=queue.stride(0), tiles_per_split=per, n_dchunks=n_c,
             HAS_MASK=mask is not None, UPCAST=upcast, PRECISION=_dot_precision(q.dtype, upcast),
             BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, BLOCK_DC=cfg.block_dc,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -321,56 +361,61 @@ def _backward_dq(g, q, k, queue, tau32, mask, lse2, pos2, cfg: BwdConfig | None,
 
 
 class _QueueContrastiveFn(torch.autograd.Function):
-    """Differentiable in q and tau only; k, queue and the mask are constants."""
+    """Differentiable in q and tau only; k, queue, the mask and the ids are constants."""
 
     @staticmethod
-    def forward(ctx, q, tau, k, queue, queue_mask, fwd_cfg, bwd_cfg, interpreted):
-        qc, kc, queuec, tau32, mask = _prepare(q, k, queue, tau, queue_mask)
-        loss, lse2, pos2, dtau_unit = _forward(qc, kc, queuec, tau32, mask, fwd_cfg, interpreted)
+    def forward(ctx, q, tau, k, queue, queue_mask, query_ids, queue_ids, fwd_cfg, bwd_cfg, interpreted):
+        qc, kc, queuec, tau32, mask, ids = _prepare(q, k, queue, tau, queue_mask, query_ids, queue_ids)
+        loss, lse2, pos2, dtau_unit = _forward(qc, kc, queuec, tau32, mask, ids, fwd_cfg, interpreted)
         # The queue is saved by reference: modifying it in place before backward trips autograd's version check.
         ctx.save_for_backward(qc, kc, queuec, tau32, lse2, pos2, dtau_unit,
-                              *(() if mask is None else (mask,)))
-        ctx.has_mask, ctx.bwd_cfg, ctx.interpreted = mask is not None, bwd_cfg, interpreted
+                              *(() if mask is None else (mask,)), *(() if ids is None else ids))
+        ctx.has_mask, ctx.has_ids = mask is not None, ids is not None
+        ctx.bwd_cfg, ctx.interpreted = bwd_cfg, interpreted
         ctx.tau_shape, ctx.tau_dtype = tau.shape, tau.dtype
         return loss
 
     @staticmethod
     def backward(ctx, g):
         qc, kc, queuec, tau32, lse2, pos2, dtau_unit, *rest = ctx.saved_tensors
-        mask = rest[0] if ctx.has_mask else None
+        mask = rest.pop(0) if ctx.has_mask else None
+        ids = tuple(rest) if ctx.has_ids else None
         g32 = g.detach().reshape(1).to(torch.float32)
         dq = dtau = None
         if ctx.needs_input_grad[0]:
-            dq = _backward_dq(g32, qc, kc, queuec, tau32, mask, lse2, pos2, ctx.bwd_cfg, ctx.interpreted)
+            dq = _backward_dq(g32, qc, kc, queuec, tau32, mask, ids, lse2, pos2, ctx.bwd_cfg, ctx.interpreted)
         if ctx.needs_input_grad[1]:
             dtau = (g32 * dtau_unit).reshape(ctx.tau_shape).to(ctx.tau_dtype)
-        return dq, dtau, None, None, None, None, None, None
+        return dq, dtau, None, None, None, None, None, None, None, None
 
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def queue_contrastive_loss(q, k, queue, tau, queue_mask=None, impl="auto", *, fwd_config=None, bwd_config=None):
+def queue_contrastive_loss(q, k, queue, tau, queue_mask=None, impl="auto", *, query_ids=None, queue_ids=None,
+                           fwd_config=None, bwd_config=None):
     """Queue-contrastive InfoNCE loss (see `queue_contrastive_loss_reference` for the definition).
 
     q [B, D] (bf16/fp16/fp32, may require grad), k [B, D] positive keys, queue [K, D] negatives (K may be 0),
     tau a one-element tensor (may require grad), queue_mask optional bool [K], True = valid row.
+    query_ids int64 [B, C] / queue_ids int64 [K, C], optional, together: queue_j is no negative of row i when
+    they share any id column (false-negative masking; compared tile by tile, no [B, K] mask is built).
     Returns the mean loss as a 0-d fp32 tensor; gradients flow to q and tau only (k and queue are detached).
     impl: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else reference), "triton", "reference".
     Do not modify the queue in place between forward and backward (enqueue after backward, or pass a clone):
     it is saved by reference and autograd's version check would raise.
     fwd_config / bwd_config override the launch heuristics (FwdConfig / BwdConfig), for tests and tuning.
     """
-    check_inputs(q, k, queue, tau, queue_mask)
+    check_inputs(q, k, queue, tau, queue_mask, query_ids, queue_ids)
     path = _dispatch.resolve(impl, q.device, _fwd_kernel)
     if path == "triton" and q.dtype not in TRITON_DTYPES:
         if impl == "triton":
             raise TypeError(f"the Triton kernel takes bf16, fp16 or fp32 inputs, got {q.dtype}")
         path = "reference"
     if path == "reference":
-        return queue_contrastive_loss_reference(q, k, queue, tau, queue_mask)
-    for name, t in (("k", k), ("queue", queue), ("tau", tau)):
-        if t.device != q.device:
+        return queue_contrastive_loss_reference(q, k, queue, tau, queue_mask, query_ids, queue_ids)
+    for name, t in (("k", k), ("queue", queue), ("tau", tau), ("query_ids", query_ids), ("queue_ids", queue_ids)):
+        if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-    return _QueueContrastiveFn.apply(q, tau, k, queue, queue_mask, fwd_config, bwd_config,
+    return _QueueContrastiveFn.apply(q, tau, k, queue, queue_mask, query_ids, queue_ids, fwd_config, bwd_config,
                                      _dispatch.is_interpreted(_fwd_kernel))

@@ -45,14 +45,16 @@ class Row:
 
 # ---- what each operation must move and compute ----------------------------------------------------------------
 
-def contrastive_cost(B, K, D, elem=2, backward=True):
+def contrastive_cost(B, K, D, elem=2, backward=True, id_cols=0):
     """Minimum bytes and useful FLOPs of the loss (and its backward). The queue does not fit in L2, so the backward
-    reads it again; the logit recomputation of a fused backward is not counted as useful work."""
-    fwd_bytes = K * D * elem + 2 * B * D * elem
+    reads it again; the logit recomputation of a fused backward is not counted as useful work. With content ids
+    (id_cols int64 columns per query and queue entry) each pass also reads them; the compares are not FLOPs."""
+    ids = (B + K) * id_cols * 8
+    fwd_bytes = K * D * elem + 2 * B * D * elem + ids
     fwd_flops = 2 * B * (K + 1) * D
     if not backward:
         return fwd_bytes, fwd_flops
-    return fwd_bytes + K * D * elem + 3 * B * D * elem, fwd_flops + 2 * B * K * D
+    return fwd_bytes + K * D * elem + 3 * B * D * elem + ids, fwd_flops + 2 * B * K * D
 
 
 def momentum_cost(n, lowp):
@@ -130,7 +132,7 @@ def contrastive_rows(quick=False, device="cuda"):
     from brivl_kernels.contrastive_reference import queue_contrastive_loss_reference
 
     compiled = torch.compile(queue_contrastive_loss_reference, dynamic=False)
-    impls = {"triton": lambda *a: queue_contrastive_loss(*a, impl="triton"),
+    impls = {"triton": lambda *a, **kw: queue_contrastive_loss(*a, impl="triton", **kw),
              "eager": queue_contrastive_loss_reference, "torch.compile": compiled}
     rows = []
     for size, (B, K, D) in CONTRASTIVE_SIZES.items():
@@ -141,6 +143,10 @@ def contrastive_rows(quick=False, device="cuda"):
 
         q, k, queue = emb(B).requires_grad_(), emb(B), emb(K)
         tau = torch.tensor(0.05, device=device, requires_grad=True)
+        # Content ids as the trainer passes them (image hash, caption hash), each query's image also in the queue.
+        qid = torch.randint(0, 2**62, (B, 2), device=device, generator=g)
+        kid = torch.randint(0, 2**62, (K, 2), device=device, generator=g)
+        kid[:min(B, K), 0] = qid[:min(B, K), 0]
         label = f"B={B} K={K:,} D={D}"
         for impl, f in impls.items():
             def fwd(f=f):
@@ -153,9 +159,15 @@ def contrastive_rows(quick=False, device="cuda"):
 
             rows.append(measure("contrastive fwd", f"{size}: {label}", impl, fwd,
                                 contrastive_cost(B, K, D, backward=False), quick))
+            def fwd_bwd_ids(f=f):
+                q.grad = tau.grad = None
+                f(q, k, queue, tau, query_ids=qid, queue_ids=kid).backward()
+
             rows.append(measure("contrastive fwd+bwd", f"{size}: {label}", impl, fwd_bwd,
                                 contrastive_cost(B, K, D), quick))
-        del q, k, queue
+            rows.append(measure("contrastive fwd+bwd, id-masked", f"{size}: {label}", impl, fwd_bwd_ids,
+                                contrastive_cost(B, K, D, id_cols=2), quick))
+        del q, k, queue, qid, kid
         torch.cuda.empty_cache()
     return rows
 

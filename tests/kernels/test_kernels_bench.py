@@ -20,6 +20,8 @@ def test_byte_and_flop_counts():
     assert fwd_flops == 2 * B * (K + 1) * D
     both_bytes, both_flops = bench.contrastive_cost(B, K, D)
     assert both_bytes == 2 * K * D * 2 + 5 * B * D * 2 and both_flops == fwd_flops + 2 * B * K * D
+    ids_bytes, ids_flops = bench.contrastive_cost(B, K, D, id_cols=2)
+    assert ids_bytes == both_bytes + 2 * (B + K) * 2 * 8 and ids_flops == both_flops  # ids read by both passes
     assert bench.momentum_cost(10, lowp=False)[0] == 120 and bench.momentum_cost(10, lowp=True)[0] == 140
     assert bench.adamw_cost(10)[0] == 200 and bench.adamw_cost(10, state_bytes=4)[0] == 280
 
@@ -78,4 +80,5 @@ def test_benchmark_cases_run_end_to_end_on_tiny_sizes(monkeypatch, triton_device
     dev = str(triton_device)
     rows = bench.contrastive_rows(device=dev) + bench.momentum_rows(device=dev) + bench.adamw_rows(device=dev)
     assert [r.note for r in rows if r.note] == []
-    assert len(rows) == 6 + 6 + 4
+    assert len(rows) == 9 + 6 + 4
+    assert sum(r.kernel == "contrastive fwd+bwd, id-masked" for r in rows) == 3

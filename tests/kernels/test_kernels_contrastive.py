@@ -41,19 +41,44 @@ def make_inputs(B, K, D, dtype, device, seed, normalize=True, masked_frac=0.0):
     return cast(q), cast(k), cast(queue), (None if mask is None else mask.to(device))
 
 
-def oracle(q, k, queue, tau, mask):
+def make_ids(B, K, seed, C=2, all_masked_row=None, device="cpu"):
+    """Hash-like int64 content ids (column 0 the image, column C-1 the caption) with real duplicates: each query's
+    image and caption copied into a few queue entries, an image and a caption shared by two rows of the batch, and
+    near misses that must stay negatives (an id + 2^32, which int32 truncation would equate; a query's image id in
+    the queue's caption column). `all_masked_row`: every queue entry shares that row's image (even j) or caption
+    (odd j), so the row has no negatives left."""
+    g = torch.Generator().manual_seed(seed)
+    qid = torch.randint(-2**62, 2**62, (B, C), generator=g, dtype=torch.int64)
+    kid = torch.randint(-2**62, 2**62, (K, C), generator=g, dtype=torch.int64)
+    if B >= 3:
+        qid[1, 0] = qid[0, 0]
+        qid[2, C - 1] = qid[0, C - 1]
+    for i in range(B if K else 0):
+        j = torch.randint(0, K, (6,), generator=g)
+        kid[j[:3], 0] = qid[i, 0]
+        kid[j[3:5], C - 1] = qid[i, C - 1]
+        kid[j[5], 0] = qid[i, 0] + 2**32
+        if C > 1:
+            kid[j[5], C - 1] = qid[i, 0]
+    if all_masked_row is not None:
+        kid[0::2, 0] = qid[all_masked_row, 0]
+        kid[1::2, C - 1] = qid[all_masked_row, C - 1]
+    return qid.to(device), kid.to(device)
+
+
+def oracle(q, k, queue, tau, mask, ids=(None, None)):
     """float64 loss, dq, dtau from the (already rounded) inputs."""
     q64 = q.detach().double().requires_grad_()
     tau64 = torch.tensor(float(tau), dtype=torch.float64, device=q.device, requires_grad=True)
-    loss = queue_contrastive_loss_reference(q64, k.double(), queue.double(), tau64, mask)
+    loss = queue_contrastive_loss_reference(q64, k.double(), queue.double(), tau64, mask, *ids)
     loss.backward()
     return loss.detach(), q64.grad, tau64.grad
 
 
-def run_triton(q, k, queue, tau_value, mask, **cfg):
+def run_triton(q, k, queue, tau_value, mask, ids=(None, None), **cfg):
     q = q.clone().requires_grad_()
     tau = torch.tensor(tau_value, device=q.device, requires_grad=True)
-    loss = queue_contrastive_loss(q, k, queue, tau, mask, impl="triton", **cfg)
+    loss = queue_contrastive_loss(q, k, queue, tau, mask, impl="triton", query_ids=ids[0], queue_ids=ids[1], **cfg)
     loss.backward()
     return loss.detach(), q.grad, tau.grad
 
@@ -240,3 +265,155 @@ def test_bad_inputs_are_rejected():
         queue_contrastive_loss(q, q, torch.zeros(5, 4), torch.tensor(0.1), torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'triton', 'reference'\), got 'cuda'"):
         queue_contrastive_loss(q, q, torch.zeros(5, 4), torch.tensor(0.1), impl="cuda")
+
+
+# ---- false-negative masking by content ids ---------------------------------------------------------------------
+
+def per_row_loop_loss(q, k, queue, tau, mask, qid, kid):
+    """The definition spelled out: for each row, -log softmax over [positive, kept negatives], then the mean."""
+    losses = []
+    for i in range(q.shape[0]):
+        kept = [j for j in range(queue.shape[0]) if (mask is None or bool(mask[j]))
+                and all(int(qid[i, c]) != int(kid[j, c]) for c in range(qid.shape[1]))]
+        logits = torch.cat([(q[i] * k[i]).sum().reshape(1), queue[kept] @ q[i]]) / tau
+        losses.append(torch.logsumexp(logits, 0) - logits[0])
+    return torch.stack(losses).mean()
+
+
+def masked_pairs(mask, qid, kid):
+    """[B, K] bool: queue entry j left out of row i's negatives."""
+    same = (qid[:, None, :] == kid[None, :, :]).any(2)
+    return same if mask is None else same | ~mask[None, :]
+
+
+@pytest.mark.parametrize("C,masked_frac", [(2, 0.0), (2, 0.4), (1, 0.0), (3, 0.3)])
+def test_ids_reference_equals_per_row_loop(C, masked_frac):
+    q, k, queue, mask = make_inputs(6, 40, 8, torch.float64, "cpu", seed=20 + C, masked_frac=masked_frac)
+    full = 5 if C > 1 else None  # with one column a row without negatives would leave the others no duplicates
+    qid, kid = make_ids(6, 40, seed=C, C=C, all_masked_row=full)
+    pairs = masked_pairs(mask, qid, kid)
+    assert 0 < pairs[:5].sum() < pairs[:5].numel()  # duplicates, but not everything masked
+    assert full is None or pairs[full].all()
+    results = []
+    for fn in (lambda qq, tt: queue_contrastive_loss_reference(qq, k, queue, tt, mask, qid, kid),
+               lambda qq, tt: per_row_loop_loss(qq, k, queue, tt, mask, qid, kid)):
+        qq = q.clone().requires_grad_()
+        tt = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        loss = fn(qq, tt)
+        loss.backward()
+        results.append((loss.detach(), qq.grad, tt.grad))
+    (loss, dq, dtau), (loss_loop, dq_loop, dtau_loop) = results
+    assert torch.isfinite(loss) and torch.isfinite(dq).all() and torch.isfinite(dtau)
+    torch.testing.assert_close(loss, loss_loop, rtol=1e-12, atol=0)
+    torch.testing.assert_close(dq, dq_loop, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(dtau, dtau_loop, rtol=1e-12, atol=0)
+    assert full is None or torch.count_nonzero(dq[full]) == 0  # the row without negatives
+    # The ids change the loss: without them the duplicates count as negatives.
+    assert loss < queue_contrastive_loss_reference(q, k, queue, torch.tensor(0.1, dtype=torch.float64), mask)
+
+
+TINY = dict(fwd_config=FwdConfig(16, 16, 16), bwd_config=BwdConfig(16, 16, 16, 32))
+ID_CASES = [  # (B, K, D, dtype, masked_frac, all_masked_row, cfg)
+    (7, 300, 40, torch.float32, 0.0, 3, {}),           # default tiles; K not a multiple of BLOCK_K
+    (21, 77, 24, torch.float32, 0.4, 20, TINY),        # two row tiles, the last one ragged; with queue_mask
+    (5, 100, 32, torch.bfloat16, 0.3, 4, {}),
+    (19, 45, 16, torch.bfloat16, 0.0, 0, TINY),
+    (3, 0, 16, torch.float32, 0.0, None, {}),          # K = 0
+]
+
+
+@pytest.mark.parametrize("B,K,D,dtype,masked_frac,all_masked_row,cfg", ID_CASES)
+def test_ids_kernel_matches_float64(triton_device, B, K, D, dtype, masked_frac, all_masked_row, cfg):
+    q, k, queue, mask = make_inputs(B, K, D, dtype, triton_device, seed=B * 100 + K, masked_frac=masked_frac)
+    ids = make_ids(B, K, seed=B + K, all_masked_row=all_masked_row, device=triton_device)
+    if K:
+        pairs = masked_pairs(mask, *ids)
+        assert pairs[all_masked_row].all()
+        shared = (ids[0][:, None, :] == ids[1][None, :, :])  # [B, K, C]: image-only and caption-only copies
+        assert (shared[..., 0] & ~shared[..., 1]).any() and (shared[..., 1] & ~shared[..., 0]).any()
+    got = run_triton(q, k, queue, 0.05, mask, ids, **cfg)
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_matches(got, oracle(q, k, queue, 0.05, mask, ids), dtype, (q, k, queue, 0.05))
+    if all_masked_row is not None:
+        assert torch.count_nonzero(got[1][all_masked_row]) == 0
+
+
+def test_ids_near_misses_are_kept(triton_device):
+    """Ids that differ only above bit 31, and a query's image id in the queue's caption column, mask nothing."""
+    q, k, queue, _ = make_inputs(5, 60, 24, torch.float32, triton_device, seed=21)
+    qid = torch.arange(5, dtype=torch.int64).repeat(2, 1).t().contiguous() * 1000 + torch.tensor([1, 2])
+    kid = torch.stack([qid[torch.arange(60) % 5, 0] + 2**32, qid[torch.arange(60) % 5, 0]], dim=1)
+    ids = (qid.to(triton_device), kid.to(triton_device))
+    assert not masked_pairs(None, *ids).any()
+    assert_matches(run_triton(q, k, queue, 0.05, None, ids, **TINY), oracle(q, k, queue, 0.05, None),
+                   torch.float32, (q, k, queue, 0.05))
+
+
+@pytest.mark.parametrize("how", ["ids", "ids and queue_mask"])
+def test_ids_masking_every_negative_gives_zero_loss_and_grads(triton_device, how):
+    """One image with three captions in the batch; the queue holds only copies of that image, or (with the mask)
+    copies in its first half and another image in invalid slots: neither the ids nor the mask alone mask all."""
+    q, k, queue, _ = make_inputs(3, 50, 24, torch.float32, triton_device, seed=22)
+    qid = torch.tensor([[7, 1], [7, 2], [7, 3]])
+    kid = torch.stack([torch.full((50,), 7), torch.arange(50) + 100], dim=1)
+    mask = None
+    if how == "ids and queue_mask":
+        kid[25:, 0] = 8
+        mask = torch.ones(50, dtype=torch.bool)
+        mask[25:] = False
+        mask = mask.to(triton_device)
+    ids = (qid.to(triton_device), kid.to(triton_device))
+    loss, dq, dtau = run_triton(q, k, queue, 0.05, mask, ids)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(dq) == 0 and dtau.item() == 0.0
+    ref = oracle(q, k, queue, 0.05, mask, ids)
+    assert ref[0].item() == 0.0 and torch.count_nonzero(ref[1]) == 0 and ref[2].item() == 0.0
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 20), K=st.integers(0, 100), D=st.integers(1, 40), C=st.integers(1, 3),
+       alphabet=st.integers(1, 12), masked=st.sampled_from([0.0, 0.5]), seed=st.integers(0, 2**31 - 1))
+def test_ids_random_shapes(triton_device, B, K, D, C, alphabet, masked, seed):
+    """Ids drawn from a small alphabet, so rows collide with the queue (and each other) at random rates."""
+    q, k, queue, mask = make_inputs(B, K, D, torch.float32, triton_device, seed, masked_frac=masked if K else 0.0)
+    g = torch.Generator().manual_seed(seed)
+    ids = tuple(torch.randint(0, alphabet, (n, C), generator=g).to(triton_device) for n in (B, K))
+    assert_matches(run_triton(q, k, queue, 0.05, mask, ids, **TINY), oracle(q, k, queue, 0.05, mask, ids),
+                   torch.float32, (q, k, queue, 0.05))
+
+
+def test_bad_ids_are_rejected():
+    """Checked before the path is chosen: the same errors from both implementations."""
+    q, queue, tau = torch.zeros(2, 4), torch.zeros(5, 4), torch.tensor(0.1)
+    qid, kid = torch.zeros(2, 2, dtype=torch.int64), torch.ones(5, 2, dtype=torch.int64)
+    for impl in ("reference", "triton"):
+        def loss(query_ids, queue_ids):
+            return queue_contrastive_loss(q, q, queue, tau, impl=impl, query_ids=query_ids, queue_ids=queue_ids)
+
+        with pytest.raises(ValueError, match="query_ids and queue_ids must be given together; queue_ids is missing"):
+            loss(qid, None)
+        with pytest.raises(ValueError, match="query_ids and queue_ids must be given together; query_ids is missing"):
+            loss(None, kid)
+        with pytest.raises(ValueError, match="query_ids must be an int64 tensor, got torch.int32"):
+            loss(qid.int(), kid)
+        with pytest.raises(ValueError, match="queue_ids must be an int64 tensor, got torch.float32"):
+            loss(qid, kid.float())
+        with pytest.raises(ValueError, match=r"query_ids must be \[B, C\] with B=2 and C >= 1; got \(3, 2\)"):
+            loss(torch.zeros(3, 2, dtype=torch.int64), kid)
+        with pytest.raises(ValueError, match=r"queue_ids must be \[K, C\] with K=5 and C >= 1; got \(5,\)"):
+            loss(qid, kid[:, 0])
+        with pytest.raises(ValueError, match=r"query_ids must be \[B, C\] with B=2 and C >= 1; got \(2, 0\)"):
+            loss(qid[:, :0], kid[:, :0])
+        with pytest.raises(ValueError, match="the same number of id columns C; got 2 and 1"):
+            loss(qid, kid[:, :1])
+    with pytest.raises(ValueError, match="query_ids and queue_ids must be given together"):
+        queue_contrastive_loss_reference(q, q, queue, tau, None, qid)
+
+
+def test_ids_on_another_device_are_rejected_by_the_triton_path(triton_device):
+    q, queue, tau = torch.zeros(2, 4), torch.zeros(5, 4), torch.tensor(0.1)
+    qid, kid = torch.zeros(2, 2, dtype=torch.int64), torch.ones(5, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=f"queue_ids is on meta, q on {triton_device.type}"):
+        queue_contrastive_loss(q.to(triton_device), q.to(triton_device), queue.to(triton_device),
+                               tau.to(triton_device), impl="triton", query_ids=qid.to(triton_device),
+                               queue_ids=kid.to("meta"))

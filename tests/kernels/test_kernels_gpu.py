@@ -30,6 +30,21 @@ def test_contrastive_bf16_paper_size(masked):
                    (q, k, queue, 0.05))
 
 
+@pytest.mark.parametrize("all_masked_row", [None, 15])
+def test_contrastive_bf16_paper_size_with_content_ids(all_masked_row):
+    """False-negative masking at the paper's size: image and caption ids (copies in the queue, a shared image and
+    caption in the batch) with a partly filled queue; optionally a row left with no negatives."""
+    from test_kernels_contrastive import assert_matches, make_ids, oracle, run_triton
+
+    q, k, queue, mask = _paper_inputs(True)
+    ids = make_ids(16, 16384, seed=0, all_masked_row=all_masked_row, device=torch.device("cuda"))
+    got = run_triton(q, k, queue, 0.05, mask, ids)
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_matches(got, oracle(q, k, queue, 0.05, mask, ids), torch.bfloat16, (q, k, queue, 0.05))
+    if all_masked_row is not None:
+        assert torch.count_nonzero(got[1][all_masked_row]) == 0
+
+
 def test_contrastive_bf16_large_batch_and_huge_queue_forward():
     from test_kernels_contrastive import make_inputs, oracle
 
@@ -87,4 +102,4 @@ def test_benchmark_prints_the_table(tmp_path):
     with open(path, "w") as f:
         f.write(text + "\n")
     print("\n" + text + f"\n\n(markdown written to {path})")
-    assert "contrastive fwd+bwd" in text and "momentum update" in text and "AdamW step" in text
+    assert "contrastive fwd+bwd" in text and "id-masked" in text and "momentum update" in text and "AdamW step" in text
