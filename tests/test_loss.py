@@ -195,3 +195,27 @@ def test_diagnostics_match_their_definitions():
 def test_unknown_negatives_mode_is_refused():
     with pytest.raises(ValueError, match="moco.negatives must be one of"):
         loss_fn("memory-bank", False)
+
+
+@pytest.mark.parametrize("negatives", ["queue", "queue+batch"])
+def test_the_fused_kernel_masks_as_the_reference_does(negatives):
+    """The trainer's path through the Triton kernel (interpreted on CPU): its per-row id compare, with the two
+    content-id columns and, for queue+batch, the column that skips each query's own key, gives the reference's
+    loss and gradients."""
+    from brivl_ds.config import MocoConfig
+    from brivl_ds.moco.loss import ContrastiveLoss
+
+    out, ids, queues = contrastive_case()
+    out = MocoOutputs(*(t.float() for t in (out.image_query, out.text_query, out.image_key, out.text_key, out.tau)))
+    for queue in queues:
+        queue.keys = queue.keys.float()
+    results = {}
+    for impl in ("triton", "reference"):
+        image_q = out.image_query.clone().requires_grad_()
+        tau = out.tau.clone().requires_grad_()
+        cfg = MocoConfig(negatives=negatives, mask_false_negatives=True, loss_impl=impl)
+        loss, _ = ContrastiveLoss(cfg)(MocoOutputs(image_q, out.text_query, out.image_key, out.text_key, tau),
+                                       ids, *queues)
+        results[impl] = (loss.detach(), *torch.autograd.grad(loss, (image_q, tau)))
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

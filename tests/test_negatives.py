@@ -107,3 +107,31 @@ def test_masking_with_duplicated_captions_through_the_launcher_resumes_exactly(d
     again = metrics(resumed)
     for key in ("loss", "grad_norm", "dup_share", "neg_lse"):
         assert [r[key] for r in again] == [r[key] for r in run[N:]], key
+
+
+def _staleness_worker(rank, world, data, out_dir, momentum):
+    from test_zero3 import make_config
+
+    from brivl_ds.training.trainer import Trainer
+
+    cfg = make_config(data, out_dir)
+    cfg.moco.momentum, cfg.train.staleness_every = momentum, 2
+    cfg.train.max_steps, cfg.train.eval_at_end = 4, False
+    Trainer(cfg).fit()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("momentum", [1.0, 0.5])
+def test_staleness_probe_sees_drift_only_when_the_momentum_encoder_moves(momentum, shapes_data, tmp_path):
+    """m = 1 freezes the momentum encoder: re-encoding the queue's samples gives its keys again (no drift, the same
+    loss). m = 0.5 moves it: the re-encoded keys differ and so does the loss."""
+    from conftest import run_distributed
+
+    run_distributed(_staleness_worker, 2, shapes_data, str(tmp_path), momentum)
+    probes = [r for r in metrics(tmp_path) if "stale_loss" in r]
+    assert [r["step"] for r in probes] == [2, 4] and all(r["probe_coverage"] == 1.0 for r in probes)
+    for r in probes:
+        if momentum == 1.0:
+            assert r["key_drift"] < 1e-6 and r["fresh_loss"] == pytest.approx(r["stale_loss"], rel=1e-5), r
+        else:
+            assert r["key_drift"] > 1e-3 and abs(r["fresh_loss"] - r["stale_loss"]) > 1e-3, r

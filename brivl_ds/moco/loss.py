@@ -57,8 +57,8 @@ def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor
     """
     import brivl_kernels
 
-    ids = {} if query_ids is None else {"query_ids": query_ids, "queue_ids": queue_ids}  # TEMP until kernel merge
-    return brivl_kernels.queue_contrastive_loss(q, k, queue, tau.reshape(()), impl=impl, **ids)
+    return brivl_kernels.queue_contrastive_loss(q, k, queue, tau.reshape(()), impl=impl, query_ids=query_ids,
+                                                queue_ids=queue_ids)
 
 
 def batch_contrastive_loss(q: torch.Tensor, keys: torch.Tensor, own: torch.Tensor, tau: torch.Tensor,

@@ -2,6 +2,10 @@
 encoders of up to K / (global batch) steps ago; the probe re-encodes the same samples with today's momentum encoder
 and compares the loss against the real queue with the loss against the re-encoded one.
 
+The probe batch is the newest step's last micro-batch, whose own keys were just enqueued: both losses leave out
+the negatives that carry its pairs' content ids (its own keys, and any other copy of its images or captions), so
+the comparison is of the other keys only, whatever `moco.mask_false_negatives` says.
+
 It keeps this rank's input batches of the steps whose keys are still in the queue (CPU copies: about K / ranks
 samples), so it is for studies on small presets, not for production runs. It runs in eval mode (no dropout, so no
 random numbers are drawn and training is unchanged; the presets that use it have no dropout).
@@ -10,10 +14,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
+from brivl_ds.config import MocoConfig
 from brivl_ds.models.brivl import Batch
 from brivl_ds.moco.loss import ContrastiveLoss, MocoOutputs
 from brivl_ds.moco.queue import KeyQueue, all_gather_keys
@@ -25,9 +31,11 @@ rows that were re-encoded (below 1 right after a resume: older keys are kept as 
 
 
 class StalenessProbe:
-    def __init__(self, every: int, queue_size: int, keys_per_step: int, group=None):
+    def __init__(self, cfg: MocoConfig, every: int, keys_per_step: int, group=None):
         """keys_per_step: the keys one optimizer step enqueues (the global batch)."""
         self.every, self.group = every, group
+        self.loss_fn = ContrastiveLoss(replace(cfg, mask_false_negatives=True), group)
+        queue_size = cfg.queue_size
         held = max(1, math.ceil(queue_size / keys_per_step))
         self.steps: deque[list[tuple[Batch, torch.Tensor]]] = deque(maxlen=held)
 
@@ -39,8 +47,8 @@ class StalenessProbe:
         self.steps.append(micro_batches)
 
     @torch.no_grad()
-    def measure(self, model, loss_fn: ContrastiveLoss, image_queue: KeyQueue, text_queue: KeyQueue,
-                device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    def measure(self, model, image_queue: KeyQueue, text_queue: KeyQueue, device: torch.device,
+                dtype: torch.dtype) -> dict[str, float]:
         """Collective (every rank calls it at the same step). `model` is the BriVLMoCo (or its engine's module)."""
         was_training = model.training
         model.eval()
@@ -62,8 +70,8 @@ class StalenessProbe:
         batch, ids = self.steps[-1][-1]
         image_query, text_query, image_key, text_key, tau = model(*batch.to(device, dtype=dtype).tensors())
         out = MocoOutputs(image_query, text_query, image_key, text_key, tau)
-        stale, _ = loss_fn(out, ids, image_queue, text_queue)
-        renewed, _ = loss_fn(out, ids, *fresh)
+        stale, _ = self.loss_fn(out, ids, image_queue, text_queue)
+        renewed, _ = self.loss_fn(out, ids, *fresh)
         covered = min(written, text_queue.filled)
         drift = [_drift(real, new, covered) for real, new in zip((image_queue, text_queue), fresh)]
         model.train(was_training)

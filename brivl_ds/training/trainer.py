@@ -63,7 +63,7 @@ class Trainer:
         self._bad_micro_steps = 0  # micro-steps of the current accumulation with a non-finite loss or key
         self.loss_fn = ContrastiveLoss(self.cfg.moco, self.groups.dp_group)
         self.staleness = StalenessProbe(
-            self.cfg.train.staleness_every, self.cfg.moco.queue_size,
+            self.cfg.moco, self.cfg.train.staleness_every,
             self.cfg.data.batch_size * self.groups.dp * self.cfg.train.grad_accum_steps, self.groups.dp_group)
         # this step's keys and their content ids, enqueued at its end
         self._pending_keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -199,7 +199,7 @@ class Trainer:
             if applied and self.staleness.every:
                 self.staleness.record([(m.batch, m.content_ids) for m in micro_batches])
                 if self.staleness.due(pos.step):
-                    stats.update(self.staleness.measure(self.model, self.loss_fn, self.image_queue, self.text_queue,
+                    stats.update(self.staleness.measure(self.model, self.image_queue, self.text_queue,
                                                         self.info.device, self.dtype))
             now = time.perf_counter()
             stats.update(lr=self.scheduler.get_last_lr()[0], grad_norm=self._grad_norm(), step_time=now - t_last,
