@@ -8,7 +8,8 @@ Every run is `deepspeed --num_gpus RANKS brivl_ds/train.py --preset tiny` with o
 batch size and seed see the same samples in the same order (the stream depends on the seed, the batch size and the
 ranks only), so the modes are compared at matched steps and samples. A finished run (its eval.json) is reused, so
 the study can be stopped and restarted. It writes results.json (every run's final evaluation, wall time and loss
-curve), table.md (means over seeds, the spread where there are several) and curves.png (the loss per step).
+curve), table.md (means over seeds, the spread where there are several) and curves.png (the loss per step). Wall
+times are in results.json only: on a shared machine they say little, and `batch` skips the momentum forward.
 It prints what it measured, with the machine, and asserts nothing.
 """
 from __future__ import annotations
@@ -60,8 +61,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         cells.setdefault((run["mode"], run["batch"], run["mask"]), []).append(run)
     rows = []
     for (mode, batch, mask), members in sorted(cells.items(), key=lambda c: (c[0][1], c[0][2], c[0][0])):
-        row = {"mode": mode, "batch": batch, "mask": mask, "seeds": len(members),
-               "minutes": statistics.mean(m["seconds"] for m in members) / 60}
+        row = {"mode": mode, "batch": batch, "mask": mask, "seeds": len(members)}
         for metric in METRICS:
             values = [m["eval"][metric] for m in members if metric in m["eval"]]
             if values:
@@ -72,7 +72,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def table(rows: list[dict], ranks: int) -> str:
     present = [m for m in METRICS if any(m in r for r in rows)]
-    head = ["negatives", "global batch", "masking", "seeds", *present, "min per run"]
+    head = ["negatives", "global batch", "masking", "seeds", *present]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["mode"], str(r["batch"] * ranks), "on" if r["mask"] else "off", str(r["seeds"])]
@@ -82,7 +82,6 @@ def table(rows: list[dict], ranks: int) -> str:
                 continue
             mean, low, high = r[metric]
             cells.append(f"{100 * mean:.1f}" + (f" ({100 * low:.1f}-{100 * high:.1f})" if r["seeds"] > 1 else ""))
-        cells.append(f"{r['minutes']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -128,14 +127,15 @@ def main(argv: list[str] | None = None) -> None:
         name, masked = run_name(mode, batch, mask == "on", seed), mask == "on"
         out = args.out / name
         timing = out / "wall_seconds.txt"
-        if not (out / "eval.json").exists() or not timing.exists():
+        if not (out / "eval.json").exists():
             settings = {"moco.negatives": mode, "data.batch_size": batch, "moco.mask_false_negatives": masked,
                         "train.seed": seed, "train.max_steps": args.steps, "train.resume": "none"}
             print(f"training {name} ...", flush=True)
-            timing.parent.mkdir(parents=True, exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
             timing.write_text(f"{train(out, args.ranks, settings, args.extra):.1f}")
-        runs.append({"name": name, "mode": mode, "batch": batch, "mask": masked, "seed": seed,
-                     "seconds": float(timing.read_text()), **read_run(out)})
+        seconds = float(timing.read_text()) if timing.exists() else None  # a run made elsewhere may have none
+        runs.append({"name": name, "mode": mode, "batch": batch, "mask": masked, "seed": seed, "seconds": seconds,
+                     **read_run(out)})
         print(f"{name}: " + ", ".join(f"{m} {100 * runs[-1]['eval'][m]:.1f}" for m in METRICS
                                       if m in runs[-1]["eval"]), flush=True)
     machine = f"{cpu_model()}, {cores()}; {args.ranks} ranks (deepspeed launcher, ZeRO-3, fp32)"
