@@ -156,6 +156,18 @@ class DataConfig:
     train_path: str | None = None
     """Parquet shards (a directory, a manifest.json or a file); None = the built-in generated shapes dataset."""
     eval_path: str | None = None
+    zeroshot_path: str | None = None
+    """Labelled images classified zero-shot at every evaluation, next to the recall (top-1, and top-5 with more
+    than 5 classes): an ImageFolder tree (<class name>/<images>) or Parquet shards with a label column; None = none,
+    except on the built-in dataset, whose held-out split labelled by background colour is used (written once to
+    <synthetic_dir>/zeroshot by brivl_ds.evaluation.zeroshot.make_shapes_benchmark)."""
+    zeroshot_classes: str | None = None
+    """The zero-shot class names, one per line (their order defines integer labels); needed with zeroshot_path."""
+    zeroshot_templates: str = "zh"
+    """Zero-shot prompts: zh (the built-in Chinese templates), none (the bare class name), or a file with one
+    template per line, {} where the class name goes."""
+    zeroshot_label_column: str = "label"
+    """The label column of zero-shot Parquet shards: class names or integer indices into zeroshot_classes."""
     synthetic_dir: str = "runs/data/shapes"
     """Where the built-in dataset is generated (once; reused when present)."""
     synthetic_train: int = 6000
@@ -292,6 +304,8 @@ class Config:
                 and self.model.text.pretrained_path is None:
             raise ValueError("set model.text.tokenizer_path (a local Hugging Face tokenizer directory) "
                              "when training on your own shards")
+        if self.data.zeroshot_path is not None and self.data.zeroshot_classes is None:
+            raise ValueError("data.zeroshot_path needs data.zeroshot_classes (a file of class names, one per line)")
         return self
 
     def to_json(self) -> str:

@@ -1,5 +1,6 @@
-"""End to end through the real launcher: the quick start (train, checkpoint, evaluate), the eval command on its
-checkpoint, and resume equivalence after a kill -9 mid-save: the same losses as an uninterrupted run, exactly (fp32, CPU).
+"""End to end through the real launcher: the quick start (train, checkpoint, evaluate: recall and zero-shot accuracy,
+mid-run and at the end), the eval and zero-shot commands on its checkpoints, and resume equivalence after a kill -9
+mid-save: the same losses as an uninterrupted run, exactly (fp32, CPU).
 
 The runs train from shards made by the converter (`convert pairs`) out of image files and a JSONL, with DataLoader
 workers, so the whole data path is the one a user's crawl takes."""
@@ -51,9 +52,27 @@ def converted(shapes_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_run(converted, tmp_path_factory):
+def bench(converted):
+    """The held-out pictures labelled by background colour (make_shapes_benchmark, the zero-shot command's
+    make-shapes): the full run's zero-shot set, 4 classes; one more file, undecodable, to be skipped (49 files: the
+    2 ranks' halves differ in length, so one pads its last batch)."""
+    from brivl_ds.evaluation.zeroshot import make_shapes_benchmark
+
+    out = converted["train"].parent / "zeroshot"
+    assert sum(make_shapes_benchmark(converted["eval"], out).values()) == 48
+    (out / "白色" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(converted, bench, tmp_path_factory):
+    """The quick start on converted shards; it also evaluates at step N, just after its step-N checkpoint (which the
+    zero-shot test exports), and classifies `bench` zero-shot at each evaluation. (The other runs of this module
+    compare their losses with this one's: evaluating mid-run must not change training.)"""
     out = tmp_path_factory.mktemp("full")
-    log = launch(out, converted, "data.num_workers=2", "train.save_eval_embeddings=true")
+    log = launch(out, converted, "data.num_workers=2", "train.save_eval_embeddings=true", f"train.save_every={N}",
+                 f"train.eval_every={N}", f"data.zeroshot_path={bench}",
+                 f"data.zeroshot_classes={bench / 'classes.txt'}")
     return out, log
 
 
@@ -90,6 +109,8 @@ def test_quickstart_trains_checkpoints_and_evaluates(full_run):
     keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     assert [float(x) for x in printed.groups()] == [round(100 * result[k], 1) for k in keys]  # fractions, printed in %
     embeddings = torch.load(out / "eval_embeddings.pt")
+    zeroshot = {k: result.pop(k) for k in list(result) if k.startswith("zeroshot_")}  # test_zero_shot_accuracy_...
+    assert set(zeroshot) == {"zeroshot_acc1", "zeroshot_n"}
     assert result == pytest.approx({"step": 2 * N, **recall_at_k(embeddings["image"], embeddings["text"]),
                                     "skipped_rows": 0.0})
 
@@ -113,6 +134,63 @@ def test_eval_command_on_the_checkpoint_reproduces_the_run_eval(full_run, tmp_pa
         torch.testing.assert_close(offline[modality], during[modality], rtol=1e-4, atol=1e-5)
     assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(
         {**recall_at_k(offline["image"], offline["text"]), "skipped_rows": 0.0})
+
+
+@pytest.mark.slow
+def test_zero_shot_accuracy_at_each_evaluation_equals_the_zero_shot_command(full_run, exported, bench, tmp_path):
+    """The run's zero-shot accuracy (2 ZeRO-3 ranks, each encoding half of the prompts and of the pictures; at step N
+    and at the end) is in that step's metrics.jsonl record next to the recalls, in TensorBoard, eval.json and the
+    printed line, and equals what the zero-shot command (its main, in this process) finds with the export of that
+    step's checkpoint. Tolerance: fp32 embeddings of one input in batches of another composition move by about
+    1e-7 (recall.TIE_TOLERANCE), so only a picture whose two best classes score within 1e-5 of each other (100x
+    that) could be classified differently; the run's count of correct pictures may differ from the command's by
+    the number of such pictures and no more."""
+    import functools
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import brivl_ds
+    from brivl_ds.evaluation.zeroshot import ZH_TEMPLATES, class_embeddings, read_classes, read_image_folder
+    from brivl_ds.export import export
+    from brivl_ds.inference.encode import embed_image_sources, embed_texts_batched
+    from brivl_ds.zeroshot import main as zeroshot
+
+    out, log = full_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 2 * N + 1))  # one record per step, evaluated or not
+    evaluated = {r["step"]: r["eval"] for r in records if "eval" in r}
+    assert sorted(evaluated) == [N, 2 * N]
+    for step, result in evaluated.items():
+        assert result["zeroshot_n"] == 48 and "zeroshot_acc5" not in result  # 4 classes: top-5 would be 1
+        assert {"n", "i2t_r1", "t2i_r10", "skipped_rows"} <= set(result)  # the recalls beside it
+        printed = re.search(rf"eval @ step {step} on 48 held-out pairs: R@1/5/10 .*; zero-shot top-1 ([\d.]+)% "
+                            r"\(48 images\)", log)
+        assert printed and float(printed.group(1)) == round(100 * result["zeroshot_acc1"], 1), log[-3000:]
+    assert log.count("skipping zero-shot image") == 2  # the undecodable file, once per evaluation, by one rank
+    assert json.loads((out / "eval.json").read_text()) == {"step": 2 * N, **evaluated[2 * N]}
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("zeroshot_acc1", "i2t_r1"):
+        scalars = events.Scalars(f"eval/{key}")
+        assert [e.step for e in scalars] == [N, 2 * N]
+        assert [e.value for e in scalars] == pytest.approx([evaluated[s][key] for s in (N, 2 * N)], rel=1e-6)
+
+    classes = read_classes(bench / "classes.txt")
+    pictures = read_image_folder(bench, classes).images
+    for step in (N, 2 * N):
+        folder = exported if step == 2 * N else export(out / "checkpoints", tmp_path / f"step{step}", f"step{step}")
+        report = zeroshot(["--model", str(folder), "--data", str(bench), "--classes", str(bench / "classes.txt"),
+                           "--out", str(tmp_path / f"zeroshot{step}"), "--no-progress"])
+        assert (report["n"], report["skipped"], report["templates"]) == (48, 1, list(ZH_TEMPLATES))
+        model = brivl_ds.load_model(folder)  # the margins of its decisions, computed as the command computes them
+        weights = class_embeddings(functools.partial(embed_texts_batched, model), classes, list(ZH_TEMPLATES))
+        best_two = (embed_image_sources(model, pictures)[0].double() @ weights.double().t()).topk(2).values
+        margins = best_two[:, 0] - best_two[:, 1]
+        near = int((margins < 1e-5).sum())
+        print(f"step {step}: run {evaluated[step]['zeroshot_acc1']:.4f}, command {report['metrics']['acc1']:.4f}; "
+              f"smallest margin {margins.min():.2e}, {near} pictures within 1e-5")
+        assert abs(round(48 * evaluated[step]["zeroshot_acc1"]) - round(48 * report["metrics"]["acc1"])) <= near
 
 
 @pytest.fixture(scope="module")
@@ -375,15 +453,19 @@ def test_builtin_dataset_run_crosses_epochs_and_resumes_just_after_a_boundary(tm
     while the other rank waits, and both train on it. 32 pairs in global batches of 16: an epoch is 2 steps, so 6
     steps cross two epoch boundaries, each epoch dealt anew. A run resumed from the step-3 checkpoint (just after
     the first boundary) with another number of DataLoader workers gives the uninterrupted run's losses and
-    evaluation bit for bit. (Resuming exactly at a boundary: test_restart_after_a_kill_mid_save_...)"""
+    evaluation bit for bit, its zero-shot accuracy on the benchmark made next to the data included. (Resuming
+    exactly at a boundary: test_restart_after_a_kill_mid_save_...)"""
+    import re
+
     data = tmp_path / "data"
     builtin = [f"data.synthetic_dir={data}", "data.synthetic_train=32", "data.synthetic_eval=16",
                "model.image.image_size=64", "data.batch_size=8", "moco.queue_size=16", "train.max_steps=6",
                "optim.warmup_steps=2", "train.save_every=3", "train.progress_bar=false"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     log = deepspeed_train("tiny", [*builtin, f"train.output_dir={full}", "data.num_workers=2"])
-    assert sorted(p.name for p in data.iterdir()) == ["DONE.json", "eval", "tokenizer", "train"]
-    assert "eval @ step 6 on 16 held-out pairs" in log
+    # the zero-shot benchmark made from the held-out split, next to it: on by default for the built-in dataset
+    assert sorted(p.name for p in data.iterdir()) == ["DONE.json", "eval", "tokenizer", "train", "zeroshot"]
+    assert re.search(r"eval @ step 6 on 16 held-out pairs: .*; zero-shot top-1 [\d.]+% \(16 images\)", log)
     run = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["epoch"]) for r in run] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 2)]
 
@@ -391,4 +473,5 @@ def test_builtin_dataset_run_crosses_epochs_and_resumes_just_after_a_boundary(tm
                                    f"train.resume={full}/checkpoints/step3"])
     assert f"resumed from {full}/checkpoints/step3 at step 3" in log
     assert losses(resumed) == [r["loss"] for r in run[3:]]
-    assert json.loads((resumed / "eval.json").read_text()) == json.loads((full / "eval.json").read_text())
+    evaluation = json.loads((full / "eval.json").read_text())
+    assert json.loads((resumed / "eval.json").read_text()) == evaluation and evaluation["zeroshot_n"] == 16

@@ -278,13 +278,18 @@ def assembled_queue(checkpoint: Path, key: str) -> torch.Tensor:
 @pytest.mark.slow
 def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, tmp_path):
     """`deepspeed --num_gpus 4 ... --set parallel.tensor_parallel=2` against `--num_gpus 2` (the same data-parallel
-    layout, so the same batches), fp32: the same losses, gradient norms, queues and recall; then TP=2 resumes from
-    step N in a new process bit for bit, and TP=2's checkpoint resumes at TP=1 (resharded). The objective is
-    queue+batch with false negatives masked: the queue, and the batch's keys and content ids gathered over the
-    data-parallel group only (the TP ranks of a group hold the same batch)."""
+    layout, so the same batches), fp32: the same losses, gradient norms, queues, recall and zero-shot accuracy; then
+    TP=2 resumes from step N in a new process bit for bit, and TP=2's checkpoint resumes at TP=1 (resharded). The
+    objective is queue+batch with false negatives masked: the queue, and the batch's keys and content ids gathered
+    over the data-parallel group only (the TP ranks of a group hold the same batch)."""
+    from brivl_ds.evaluation.zeroshot import make_shapes_benchmark
+
     tp1, tp2, resumed, tp_to_1 = tmp_path / "tp1", tmp_path / "tp2", tmp_path / "resumed", tmp_path / "tp2-to-tp1"
-    launch_tiny(tp1, shapes_data, 1, "train.save_eval_embeddings=true")
-    log = launch_tiny(tp2, shapes_data, 2, "parallel.vocab_parallel=true", "train.save_eval_embeddings=true")
+    bench = tmp_path / "zeroshot"  # the held-out pictures by background colour, classified at the evaluation
+    make_shapes_benchmark(shapes_data["eval"], bench)
+    zeroshot = [f"data.zeroshot_path={bench}", f"data.zeroshot_classes={bench / 'classes.txt'}"]
+    launch_tiny(tp1, shapes_data, 1, "train.save_eval_embeddings=true", *zeroshot)
+    log = launch_tiny(tp2, shapes_data, 2, "parallel.vocab_parallel=true", "train.save_eval_embeddings=true", *zeroshot)
     assert f"eval @ step {2 * N}" in log
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(torch.tensor(metric(tp2, key)), torch.tensor(metric(tp1, key)), rtol=1e-5,
@@ -315,11 +320,34 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
     from brivl_ds.evaluation.recall import recall_at_k
 
     embeddings = [torch.load(d / "eval_embeddings.pt") for d in (tp1, tp2)]
-    for d, emb in zip((tp1, tp2), embeddings):
-        assert json.loads((d / "eval.json").read_text()) == pytest.approx(
-            {"step": 2 * N, **recall_at_k(emb["image"], emb["text"]), "skipped_rows": 0.0})
+    evaluations = [json.loads((d / "eval.json").read_text()) for d in (tp1, tp2)]
+    zeroshot_results = [{k: e.pop(k) for k in list(e) if k.startswith("zeroshot_")} for e in evaluations]
+    for evaluation, emb in zip(evaluations, embeddings):
+        assert evaluation == pytest.approx({"step": 2 * N, **recall_at_k(emb["image"], emb["text"]),
+                                            "skipped_rows": 0.0})
     for modality in ("image", "text"):
         torch.testing.assert_close(embeddings[1][modality], embeddings[0][modality], rtol=1e-4, atol=1e-5)
+    # Zero-shot with the towers split over TP ranks: prompts and pictures sharded over the data-parallel groups, TP
+    # ranks encoding the same rows together. TP=2's accuracy is TP=1's and the zero-shot command's on TP=2's
+    # export; no decision is within 1e-5 of a tie (the runs' weights agree to 1e-5, their scores far closer).
+    import functools
+
+    import brivl_ds
+    from brivl_ds.evaluation.zeroshot import ZH_TEMPLATES, class_embeddings, read_classes, read_image_folder
+    from brivl_ds.export import export
+    from brivl_ds.inference.encode import embed_image_sources, embed_texts_batched
+    from brivl_ds.zeroshot import main as zeroshot_command
+
+    folder = export(tp2 / "checkpoints", tmp_path / "exported")
+    report = zeroshot_command(["--model", str(folder), "--data", str(bench), "--classes", str(bench / "classes.txt"),
+                               "--out", str(tmp_path / "zeroshot-out"), "--no-progress"])
+    model, classes = brivl_ds.load_model(folder), read_classes(bench / "classes.txt")
+    weights_zs = class_embeddings(functools.partial(embed_texts_batched, model), classes, list(ZH_TEMPLATES))
+    scores = embed_image_sources(model, read_image_folder(bench, classes).images)[0].double() @ weights_zs.double().t()
+    best_two = scores.topk(2).values
+    assert float((best_two[:, 0] - best_two[:, 1]).min()) > 1e-5
+    assert zeroshot_results[0] == zeroshot_results[1] == {"zeroshot_acc1": report["metrics"]["acc1"],
+                                                          "zeroshot_n": 48.0}
 
     # the eval command consolidates the TP shards (both data-parallel and tensor-parallel) into the whole model
     from brivl_ds.eval import main as eval_command  # its main, in this process (a process start saved)

@@ -97,9 +97,17 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_imag
 
 
 def format_recall(result: dict[str, float], step: int) -> str:
-    """The line the trainer prints for `recall_at_k`'s fractions: in percent, the one place percent is used."""
-    ks = sorted(int(k[5:]) for k in result if k.startswith("i2t_r"))
-    i2t = "/".join(f"{100 * result[f'i2t_r{k}']:.1f}" for k in ks)
-    t2i = "/".join(f"{100 * result[f't2i_r{k}']:.1f}" for k in ks)
-    return (f"eval @ step {step} on {int(result['n'])} held-out pairs: R@{'/'.join(map(str, ks))} "
-            f"image->text {i2t}, text->image {t2i} (chance R@1 {100 * result['chance_r1']:.2f})")
+    """The line the trainer prints for `recall_at_k`'s fractions, and the zero-shot accuracy when the evaluation
+    has one (held_out.evaluate_zeroshot's keys): in percent, the one place percent is used."""
+    line = f"eval @ step {step}"
+    if "n" in result:
+        ks = sorted(int(k[5:]) for k in result if k.startswith("i2t_r"))
+        i2t = "/".join(f"{100 * result[f'i2t_r{k}']:.1f}" for k in ks)
+        t2i = "/".join(f"{100 * result[f't2i_r{k}']:.1f}" for k in ks)
+        line += (f" on {int(result['n'])} held-out pairs: R@{'/'.join(map(str, ks))} image->text {i2t}, "
+                 f"text->image {t2i} (chance R@1 {100 * result['chance_r1']:.2f})")
+    if "zeroshot_acc1" in result:
+        top5 = f", top-5 {100 * result['zeroshot_acc5']:.1f}%" if "zeroshot_acc5" in result else ""
+        line += (f"{'; ' if 'n' in result else ': '}zero-shot top-1 {100 * result['zeroshot_acc1']:.1f}%{top5} "
+                 f"({int(result['zeroshot_n'])} images)")
+    return line

@@ -1,5 +1,7 @@
 """What a run records, in one place: metrics.jsonl (every step), TensorBoard (every `log_every` steps), eval.json.
 
+metrics.jsonl holds one record per optimizer step, {"step", "epoch", "loss", ...}; a step with an evaluation also
+carries its results, "eval": {...} (eval.json's keys: the recalls, the zero-shot accuracy when configured).
 After a resume, the steps logged past the checkpoint are about to be logged again: TensorBoard drops its events
 from that step on (`purge_step`) and metrics.jsonl is cut back, so each step appears once in both.
 Only rank 0 writes; on other ranks every call is a no-op.
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -37,10 +41,8 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"step": step, "epoch": epoch, **stats}
-        # a skipped step's non-finite values are written as null (strict JSON has no NaN)
-        line = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps(line) + "\n")
+            f.write(json.dumps(_finite_or_null(record)) + "\n")
         if step % self.log_every == 0 or step == 1 or force_tensorboard:
             for key in TENSORBOARD_TRAIN_KEYS:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
@@ -54,10 +56,58 @@ class MetricsLog:
         for key, value in result.items():
             self.writer.add_scalar(f"eval/{key}", value, step)
         (self.out_dir / "eval.json").write_text(json.dumps({"step": step, **result}, indent=1))
+        add_to_step_record(self.jsonl, step, {"eval": _finite_or_null(result)})
 
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def _finite_or_null(record: dict) -> dict:
+    """Non-finite floats (a skipped step's loss) as null: strict JSON has no NaN."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def _last_line(f) -> tuple[int, bytes]:
+    """(offset, bytes) of the last line of a binary file, read from its end."""
+    end = f.seek(0, os.SEEK_END)
+    chunk = 1 << 16
+    while True:
+        start = max(0, end - chunk)
+        f.seek(start)
+        tail = f.read(end - start)
+        cut = tail.rstrip(b"\n").rfind(b"\n")
+        if cut >= 0 or start == 0:
+            return start + cut + 1, tail[cut + 1:]
+        chunk *= 2
+
+
+def add_to_step_record(path: Path, step: int, extra: dict) -> None:
+    """Merge `extra` into metrics.jsonl's record of `step`: its last record, since an evaluation follows the step it
+    evaluates (that record is rewritten atomically, the file copied up to it); a record of its own when the last is
+    another step's (a run resumed at its last step whose metrics.jsonl had lost it)."""
+    path = Path(path)
+    offset, last = 0, b""
+    if path.exists():
+        with open(path, "rb") as f:
+            offset, last = _last_line(f)
+    try:
+        record = json.loads(last)
+    except ValueError:
+        record = None
+    if not (isinstance(record, dict) and record.get("step") == step):
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, **extra}) + "\n")
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        remaining = offset
+        while remaining:
+            block = src.read(min(remaining, 1 << 20))
+            dst.write(block)
+            remaining -= len(block)
+        dst.write((json.dumps({**record, **extra}) + "\n").encode())
+    tmp.replace(path)
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

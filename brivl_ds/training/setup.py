@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -19,6 +21,7 @@ from brivl_ds.data.synthetic import ensure_shapes_dataset, shapes_dataset_paths
 from brivl_ds.data.tokenizer import load_tokenizer
 from brivl_ds.distributed import DistInfo, barrier, init_distributed
 from brivl_ds.ds_config import load_ds_config
+from brivl_ds.evaluation.zeroshot import make_shapes_benchmark
 from brivl_ds.moco.model import BriVLMoCo
 from brivl_ds.moco.momentum import MomentumUpdater
 from brivl_ds.moco.queue import KeyQueue
@@ -50,20 +53,47 @@ class TrainingSetup:
 
 def with_builtin_data(cfg: Config, info: DistInfo) -> Config:
     """`cfg`, or a copy of it whose data paths point at the built-in dataset when no shards are given (generated
-    once, by rank 0; the others wait)."""
+    once, by rank 0; the others wait), with its zero-shot benchmark unless `data.zeroshot_path` names another set."""
     if cfg.data.train_path is not None:
         return cfg
+    zeroshot = cfg.data.zeroshot_path is None
     if info.is_main:
         ensure_shapes_dataset(cfg.data.synthetic_dir, cfg.data.synthetic_train, cfg.data.synthetic_eval,
                               cfg.model.image.image_size, seed=0)
+        if zeroshot:
+            ensure_shapes_benchmark(cfg.data.synthetic_dir)
     barrier()
     paths = shapes_dataset_paths(cfg.data.synthetic_dir)
     text = cfg.model.text
     # A pretrained text encoder brings its own tokenizer (its vocabulary indexes the embedding)
     tokenizer = text.tokenizer_path or text.pretrained_path or str(paths["tokenizer"])
+    data = dataclasses.replace(cfg.data, train_path=str(paths["train"]), eval_path=str(paths["eval"]))
+    if zeroshot:
+        bench = shapes_benchmark_path(cfg.data.synthetic_dir)
+        data = dataclasses.replace(data, zeroshot_path=str(bench), zeroshot_classes=str(bench / "classes.txt"))
     return dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, train_path=str(paths["train"]), eval_path=str(paths["eval"])),
-        model=dataclasses.replace(cfg.model, text=dataclasses.replace(text, tokenizer_path=tokenizer)))
+        cfg, data=data, model=dataclasses.replace(cfg.model, text=dataclasses.replace(text, tokenizer_path=tokenizer)))
+
+
+def shapes_benchmark_path(synthetic_dir: str | Path) -> Path:
+    return Path(synthetic_dir) / "zeroshot"
+
+
+def ensure_shapes_benchmark(synthetic_dir: str | Path) -> Path:
+    """The built-in dataset's zero-shot benchmark, <synthetic_dir>/zeroshot (<background colour>/<id>.jpg and
+    classes.txt: its held-out split labelled by background, by make_shapes_benchmark): made once, again when the
+    dataset was generated anew (its DONE.json is copied in), and published by a rename, never half-written."""
+    out, done = shapes_benchmark_path(synthetic_dir), Path(synthetic_dir) / "DONE.json"
+    spec = done.read_text()
+    if (out / "DONE.json").exists() and (out / "DONE.json").read_text() == spec:
+        return out
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    make_shapes_benchmark(shapes_dataset_paths(synthetic_dir)["eval"], partial)
+    (partial / "DONE.json").write_text(spec)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
 
 
 def build_training(cfg: Config) -> TrainingSetup:

@@ -20,10 +20,10 @@ from brivl_ds.checkpointing.state import Position, TrainState
 from brivl_ds.checkpointing.store import CheckpointSaveError
 from brivl_ds.config import Config
 from brivl_ds.construction.towers import build_brivl_moco
-from brivl_ds.data.build import build_eval_set
+from brivl_ds.data.build import build_eval_set, build_transform
 from brivl_ds.data.dataset import PairDataset
 from brivl_ds.distributed import all_reduce_mean
-from brivl_ds.evaluation.held_out import evaluate_retrieval
+from brivl_ds.evaluation.held_out import ZeroShotSet, evaluate_retrieval, evaluate_zeroshot, read_zeroshot_set
 from brivl_ds.evaluation.recall import format_recall
 from brivl_ds.models.brivl import Batch
 from brivl_ds.moco.loss import STAT_KEYS, ContrastiveLoss
@@ -59,6 +59,7 @@ class Trainer:
         self.watchdog = Watchdog(self.info.rank, self.info.world, self.cfg.resilience.hang_timeout_s)
         self.step_times = StepTimes()
         self.eval_set: PairDataset | None = None  # read on first use
+        self.zeroshot_set: ZeroShotSet | None = None  # data.zeroshot_path's labelled images, read on first use
         self.last_eval: tuple[int, dict[str, float]] = (-1, {})
         self._bad_micro_steps = 0  # micro-steps of the current accumulation with a non-finite loss or key
         self.loss_fn = ContrastiveLoss(self.cfg.moco, self.groups.dp_group)
@@ -248,7 +249,8 @@ class Trainer:
         if step == self.pos.step:
             return result
         finished = self.pos.step >= self.total_steps
-        return self.evaluate() if finished and self.cfg.train.eval_at_end and self.cfg.data.eval_path else {}
+        has_sets = self.cfg.data.eval_path or self.cfg.data.zeroshot_path
+        return self.evaluate() if finished and self.cfg.train.eval_at_end and has_sets else {}
 
     def _heartbeat(self) -> None:
         line = self.step_times.heartbeat(self.pos.step, self.info.device)  # a collective: every rank calls it
@@ -285,11 +287,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        if self.eval_set is None:
-            self.eval_set = build_eval_set(self.cfg, self.cfg.data.eval_path)
-        embeddings_out = self.out_dir / "eval_embeddings.pt" if self.cfg.train.save_eval_embeddings else None
-        result = evaluate_retrieval(self.model.online, self.eval_set, self.collate, self.cfg.data.batch_size,
-                                    self.info, self.dtype, self.groups, embeddings_out)
+        """Held-out recall (data.eval_path) and zero-shot accuracy (data.zeroshot_path), each where configured; every
+        rank takes part (ZeRO-3 gathers parameters collectively)."""
+        data, result = self.cfg.data, {}
+        if data.eval_path:
+            if self.eval_set is None:
+                self.eval_set = build_eval_set(self.cfg, data.eval_path)
+            embeddings_out = self.out_dir / "eval_embeddings.pt" if self.cfg.train.save_eval_embeddings else None
+            result = evaluate_retrieval(self.model.online, self.eval_set, self.collate, data.batch_size, self.info,
+                                        self.dtype, self.groups, embeddings_out)
+        if data.zeroshot_path:
+            if self.zeroshot_set is None:
+                self.zeroshot_set = read_zeroshot_set(data.zeroshot_path, data.zeroshot_classes,
+                                                      data.zeroshot_templates, data.zeroshot_label_column)
+            result.update(evaluate_zeroshot(self.model.online, self.zeroshot_set, build_transform(self.cfg, False),
+                                            self.tokenizer, self.cfg.model.text.max_length, data.batch_size,
+                                            self.info, self.dtype, self.groups))
+        if not result:  # eval_every without a held-out or zero-shot set: nothing to report
+            return result
         self.last_eval = (self.pos.step, result)
         self.metrics.evaluation(self.pos.step, result)
         if self.info.is_main:
