@@ -103,7 +103,8 @@ def test_an_evaluation_joins_its_steps_record_eval_json_and_tensorboard(tmp_path
     from brivl_ds.training.metrics_log import MetricsLog, drop_metrics_after
 
     stats = {"loss": 1.0, "loss_i2t": 1.0, "loss_t2i": 1.0, "tau": 0.07, "lr": 1e-3, "grad_norm": 1.0,
-             "samples_per_s": 1.0, "step_time": 1.0, "queue_fill": 0.5, "skipped_rows": 0, "skipped_steps": 0}
+             "samples_per_s": 1.0, "step_time": 1.0, "queue_fill": 0.5, "skipped_rows": 0, "skipped_steps": 0,
+             "pos_cos": 0.5, "neg_lse": 3.0, "dup_share": 0.0, "hardest_neg_cos": 0.4}
     log = MetricsLog(tmp_path, True, log_every=10)
     result = {"n": 8.0, "i2t_r1": 0.25, "zeroshot_acc1": 0.375, "zeroshot_n": 8.0}
     for step in (1, 2, 3):
