@@ -102,26 +102,28 @@ class ContrastiveLoss:
         if self.negatives == "batch":
             i2t, t2i, stats = self._batch(out, ids)
         else:
-            i2t, i2t_stats = self._against_keys(out.image_query, out.text_key, ids, text_queue, out)
-            t2i, t2i_stats = self._against_keys(out.text_query, out.image_key, ids, image_queue, out)
+            query_ids, batch_ids = ids, None
+            if self.negatives == "queue+batch":
+                # The global batch's momentum keys go in front of the queue, and each query must skip its own key
+                # there (it is the positive): a third id column numbers the batch's rows (the queue's number none).
+                slots = torch.arange(len(ids), device=ids.device, dtype=torch.long)[:, None]
+                query_ids = torch.cat([ids, slots + _rank(self.group) * (1 << 32)], 1)
+                batch_ids = all_gather_keys(query_ids, self.group)
+            i2t, i2t_stats = self._against_keys(out.image_query, out.text_key, query_ids, batch_ids, text_queue, out)
+            t2i, t2i_stats = self._against_keys(out.text_query, out.image_key, query_ids, batch_ids, image_queue, out)
             stats = {key: (i2t_stats[key] + t2i_stats[key]) / 2 for key in STAT_KEYS}
         return i2t + t2i, {"loss_i2t": i2t.detach(), "loss_t2i": t2i.detach(), **stats}
 
-    def _against_keys(self, q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, queue: KeyQueue, out: MocoOutputs
+    def _against_keys(self, q: torch.Tensor, k: torch.Tensor, query_ids: torch.Tensor,
+                      batch_ids: torch.Tensor | None, queue: KeyQueue, out: MocoOutputs
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`queue` and `queue+batch`: the fused queue-contrastive loss against the queue (and the batch's keys)."""
+        """`queue` and `queue+batch` (batch_ids: the global batch's ids with their row numbers): the fused
+        queue-contrastive loss against the queue (and the batch's keys)."""
         negatives = Negatives(queue.valid(), queue.valid_ids())
-        query_ids = ids
-        if self.negatives == "queue+batch":
-            # The global batch's momentum keys in front of the queue. Each query must skip its own key there (it is
-            # the positive): a third id column numbers the batch's rows (the queue's entries number none).
-            batch_keys = all_gather_keys(k.detach(), self.group)
-            slots = torch.arange(k.shape[0], device=k.device, dtype=torch.long)[:, None]
-            batch_ids = all_gather_keys(torch.cat([ids, slots + _rank(self.group) * (1 << 32)], 1), self.group)
-            queue_ids = torch.cat([negatives.ids, no_content_ids(len(negatives.ids), 1).to(ids)], 1)
-            negatives = Negatives(torch.cat([batch_keys.to(negatives.keys.dtype), negatives.keys]),
-                                  torch.cat([batch_ids, queue_ids]))
-            query_ids = torch.cat([ids, slots + _rank(self.group) * (1 << 32)], 1)
+        if batch_ids is not None:
+            queue_ids = torch.cat([negatives.ids, no_content_ids(len(negatives.ids), 1).to(batch_ids)], 1)
+            batch_keys = all_gather_keys(k.detach(), self.group).to(negatives.keys.dtype)
+            negatives = Negatives(torch.cat([batch_keys, negatives.keys]), torch.cat([batch_ids, queue_ids]))
         if self.mask:
             kernel_query_ids, kernel_key_ids = query_ids, negatives.ids
         elif self.negatives == "queue+batch":  # only the own-key column
@@ -131,7 +133,7 @@ class ContrastiveLoss:
         loss = queue_contrastive_loss(q, k, negatives.keys, out.tau, self.impl, kernel_query_ids, kernel_key_ids)
         keep = None if kernel_query_ids is None else ~id_matches(kernel_query_ids, kernel_key_ids)
         not_own = None if self.negatives == "queue" else ~id_matches(query_ids[:, 2:], negatives.ids[:, 2:])
-        duplicate = id_matches(ids, negatives.ids[:, :2])
+        duplicate = id_matches(query_ids[:, :2], negatives.ids[:, :2])
         return loss, contrastive_stats(q, k, negatives.keys, out.tau, keep, duplicate, candidates=not_own)
 
     def _batch(self, out: MocoOutputs, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
