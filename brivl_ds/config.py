@@ -150,8 +150,12 @@ class DataConfig:
     train_path: str | None = None
     """Parquet shards (a directory, a manifest.json or a file); None = the built-in generated shapes dataset."""
     eval_path: str | None = None
-    synthetic_dir: str = "runs/data/shapes"
-    """Where the built-in dataset is generated (once; reused when present)."""
+    synthetic_variant: str = "shapes"
+    """Which built-in dataset: `shapes` (the quick start's: 1-3 objects, 8 colours x 5 kinds, named by size) or
+    `shapes-hard` (2-5 objects in 11 colours x 8 kinds, one of them large, a vertical relation; captions fit 40
+    tokens; zero-shot classes: the large object's colour and kind, 88). brivl_ds/data/synthetic.py."""
+    synthetic_dir: str | None = None
+    """Where the built-in dataset is generated (once; reused when present); None = runs/data/<synthetic_variant>."""
     synthetic_train: int = 6000
     synthetic_eval: int = 500
     batch_size: int = 16
