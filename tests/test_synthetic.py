@@ -198,3 +198,23 @@ def test_the_trainer_finds_each_variant_in_its_own_directory(tmp_path, monkeypat
         with pytest.raises(ValueError, match="synthetic_variant='hard'"):
             with_builtin_data(build_config("tiny", small + ["data.synthetic_variant=hard"]), info)
 
+
+def test_hard_benchmark_has_88_classes_named_by_the_large_object(tmp_path):
+    from brivl_ds.evaluation.zeroshot import background_of, make_shapes_benchmark
+
+    paths = ensure_shapes_dataset(tmp_path / "data", n_train=4, n_eval=60, image_size=64, variant="shapes-hard")
+    counts = make_shapes_benchmark(paths["eval"], tmp_path / "bench")
+    classes = (tmp_path / "bench" / "classes.txt").read_text(encoding="utf-8").split()
+    assert classes == HARD_CLASSES == list(counts) and len(classes) == 88 == len(set(classes))
+    assert sum(counts.values()) == 60 and sum(n > 0 for n in counts.values()) > 20
+    rows = read_table(paths["eval"], columns=["id", "image", "text"]).to_pylist()
+    files = {p.stem: p for p in (tmp_path / "bench").glob("*/*.jpg")}
+    assert len(files) == 60
+    for r in rows:
+        label = files[r["id"]].parent.name
+        big = [c + k for is_big, c, k in parse_hard_caption(r["text"])["objects"] if is_big]
+        assert big == [label]  # the class is the caption's large object
+        assert files[r["id"]].read_bytes() == r["image"]
+        assert background_of(r["text"]) == r["text"][0] + "色"
+    # every class name fits the zh templates as a short noun phrase of the captions' own words
+    assert all(len(c) == 3 and c[0] in HARD_COLOURS and c[1:] in HARD_SHAPES for c in classes)
