@@ -159,8 +159,9 @@ class DataConfig:
     zeroshot_path: str | None = None
     """Labelled images classified zero-shot at every evaluation, next to the recall (top-1, and top-5 with more
     than 5 classes): an ImageFolder tree (<class name>/<images>) or Parquet shards with a label column; None = none,
-    except on the built-in dataset, whose held-out split labelled by background colour is used (written once to
-    <synthetic_dir>/zeroshot by brivl_ds.evaluation.zeroshot.make_shapes_benchmark)."""
+    except on the built-in dataset, whose held-out split is used (labelled by background colour, or for shapes-hard
+    by the large object's colour and kind; written once to <synthetic_dir>/zeroshot by
+    brivl_ds.evaluation.zeroshot.make_shapes_benchmark)."""
     zeroshot_classes: str | None = None
     """The zero-shot class names, one per line (their order defines integer labels); needed with zeroshot_path."""
     zeroshot_templates: str = "zh"
@@ -168,8 +169,12 @@ class DataConfig:
     template per line, {} where the class name goes."""
     zeroshot_label_column: str = "label"
     """The label column of zero-shot Parquet shards: class names or integer indices into zeroshot_classes."""
-    synthetic_dir: str = "runs/data/shapes"
-    """Where the built-in dataset is generated (once; reused when present)."""
+    synthetic_variant: str = "shapes"
+    """Which built-in dataset: `shapes` (the quick start's: 1-3 objects, 8 colours x 5 kinds, named by size) or
+    `shapes-hard` (2-5 objects in 11 colours x 8 kinds, one of them large, a vertical relation; captions fit 40
+    tokens; zero-shot classes: the large object's colour and kind, 88). brivl_ds/data/synthetic.py."""
+    synthetic_dir: str | None = None
+    """Where the built-in dataset is generated (once; reused when present); None = runs/data/<synthetic_variant>."""
     synthetic_train: int = 6000
     synthetic_eval: int = 500
     batch_size: int = 16

@@ -22,8 +22,9 @@ Output in --out: zeroshot.json, in CLIP_benchmark's layout with fractions in [0,
 and confusion.png, the confusion matrix (colour: share of the true class's images; numbers: counts). Undecodable
 images are skipped and counted, never fatal.
 
-make-shapes writes DIR/<background colour>/<id>.jpg and DIR/classes.txt (白色, 灰色, 黑色, 米色) from shards of the
-built-in dataset, each image labelled by its caption's leading "<colour>背景".
+make-shapes writes DIR/<class>/<id>.jpg and DIR/classes.txt from shards of the built-in dataset: the classic
+variant's images labelled by their caption's leading "<colour>背景" (白色, 灰色, 黑色, 米色), shapes-hard's by the
+large object's colour and kind (88 classes).
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def run(argv: list[str]) -> dict:
 def make_shapes(argv: list[str]) -> dict[str, int]:
     parser = argparse.ArgumentParser(prog="python -m brivl_ds.zeroshot make-shapes",
                                      description="A zero-shot benchmark (ImageFolder layout + classes.txt) from "
-                                                 "the built-in dataset's shards, labelled by background colour.")
+                                                 "the built-in dataset's shards (by background colour; shapes-hard: "
+                                                 "by the large object's colour and kind).")
     parser.add_argument("--shards", type=Path, required=True, help="shards of the built-in dataset")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """Zero-shot image classification: prompt templates, class names, class embeddings, readers of labelled images
 (ImageFolder layout or Parquet shards), the evaluation over a model's embeddings, the confusion-matrix plot, and a
-benchmark made from the built-in shapes data (labelled by background colour).
+benchmark made from the built-in shapes data (labelled by background colour, or for the shapes-hard variant by the
+colour and kind of the large object).
 
 A class is the mean of its prompts' unit-norm text embeddings, normalised again (as OpenCLIP and Chinese-CLIP do);
 an image's logits are its dot products with the classes. Accuracies are fractions in [0, 1].
@@ -209,28 +210,46 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: str | Path, 
 
 
 def background_of(caption: str) -> str:
-    """The background colour a built-in dataset caption starts with ("灰色背景上有..." -> "灰色")."""
-    from brivl_ds.data.synthetic import BACKGROUNDS
+    """The background colour a built-in dataset caption starts with ("灰色背景上有..." -> "灰色"; the hard
+    variant's "灰底上有..." -> "灰色")."""
+    from brivl_ds.data.synthetic import BACKGROUNDS, HARD_BACKGROUNDS
 
     colour = caption.split("背景", 1)[0]
+    if colour not in BACKGROUNDS and caption[:1] in HARD_BACKGROUNDS and caption[1:4] == "底上有":
+        colour = caption[0] + "色"
     if colour not in BACKGROUNDS:
         raise ValueError(f"not a caption of the built-in dataset: {caption!r}")
     return colour
 
 
 def make_shapes_benchmark(shards: str | Path, out: str | Path) -> dict[str, int]:
-    """OUT/<background colour>/<id>.jpg and OUT/classes.txt from built-in dataset shards; images per class."""
-    from brivl_ds.data.shards import read_table
-    from brivl_ds.data.synthetic import BACKGROUNDS
+    """OUT/<class>/<id>.jpg and OUT/classes.txt from built-in dataset shards; images per class. Shards of the
+    classic variant are labelled by background colour (4 classes); those of `shapes-hard` by their `texts` entry
+    of kind "label", the colour and kind of the image's large object (88 classes, e.g. 蓝方块)."""
+    import pyarrow.parquet as pq
+
+    from brivl_ds.data.shards import read_table, shard_paths
+    from brivl_ds.data.synthetic import BACKGROUNDS, HARD_CLASSES
 
     out = Path(out)
-    table = read_table(shards, columns=["id", "image", "text"])
-    counts = dict.fromkeys(BACKGROUNDS, 0)
-    for colour in BACKGROUNDS:
-        (out / colour).mkdir(parents=True, exist_ok=True)
-    for row_id, image, caption in zip(*(table.column(c).to_pylist() for c in ("id", "image", "text"))):
-        colour = background_of(caption)
-        (out / colour / f"{row_id}.jpg").write_bytes(image)  # the generator stores JPEG
-        counts[colour] += 1
-    (out / "classes.txt").write_text("".join(f"{c}\n" for c in BACKGROUNDS), encoding="utf-8")
+    has_texts = "texts" in pq.read_schema(shard_paths(shards)[0]).names
+    table = read_table(shards, columns=["id", "image", "text"] + ["texts"] * has_texts)
+    ids, images, captions = (table.column(c).to_pylist() for c in ("id", "image", "text"))
+    texts = table.column("texts").to_pylist() if has_texts else [[] for _ in ids]
+    labels = [next((t["text"] for t in row if t["kind"] == "label"), None) for row in texts]
+    if all(label is None for label in labels):  # the classic variant
+        classes, labels = list(BACKGROUNDS), [background_of(caption) for caption in captions]
+    else:
+        classes = HARD_CLASSES
+        bad = sorted({str(label) for label in labels if label not in classes})
+        if bad:
+            raise ValueError(f"{shards}: rows whose label is not a class of the shapes-hard variant (or missing, in "
+                             f"shards that mix variants): {bad[:10]}")
+    counts = dict.fromkeys(classes, 0)
+    for name in classes:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    for row_id, image, label in zip(ids, images, labels):
+        (out / label / f"{row_id}.jpg").write_bytes(image)  # the generator stores JPEG
+        counts[label] += 1
+    (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
     return counts

@@ -17,7 +17,8 @@ from brivl_ds.construction.zero_init import partitioned_construction
 from brivl_ds.data.build import build_collator, build_train_stream
 from brivl_ds.data.dataset import Collator
 from brivl_ds.data.stream import ShardStream
-from brivl_ds.data.synthetic import ensure_shapes_dataset, shapes_dataset_paths
+from brivl_ds.data.synthetic import (check_variant, default_synthetic_dir, ensure_shapes_dataset,
+                                     shapes_dataset_paths)
 from brivl_ds.data.tokenizer import load_tokenizer
 from brivl_ds.distributed import DistInfo, barrier, init_distributed
 from brivl_ds.ds_config import load_ds_config
@@ -52,24 +53,29 @@ class TrainingSetup:
 
 
 def with_builtin_data(cfg: Config, info: DistInfo) -> Config:
-    """`cfg`, or a copy of it whose data paths point at the built-in dataset when no shards are given (generated
-    once, by rank 0; the others wait), with its zero-shot benchmark unless `data.zeroshot_path` names another set."""
+    """`cfg`, or a copy of it whose data paths point at the built-in dataset (`data.synthetic_variant`) when no
+    shards are given (generated once, by rank 0; the others wait), with its zero-shot benchmark unless
+    `data.zeroshot_path` names another set."""
     if cfg.data.train_path is not None:
         return cfg
+    # checked on every rank (rank 0 alone refusing would leave the others waiting at the barrier)
+    synthetic_dir = cfg.data.synthetic_dir or default_synthetic_dir(cfg.data.synthetic_variant)
+    check_variant(cfg.data.synthetic_variant)
     zeroshot = cfg.data.zeroshot_path is None
     if info.is_main:
-        ensure_shapes_dataset(cfg.data.synthetic_dir, cfg.data.synthetic_train, cfg.data.synthetic_eval,
-                              cfg.model.image.image_size, seed=0)
+        ensure_shapes_dataset(synthetic_dir, cfg.data.synthetic_train, cfg.data.synthetic_eval,
+                              cfg.model.image.image_size, seed=0, variant=cfg.data.synthetic_variant)
         if zeroshot:
-            ensure_shapes_benchmark(cfg.data.synthetic_dir)
+            ensure_shapes_benchmark(synthetic_dir)
     barrier()
-    paths = shapes_dataset_paths(cfg.data.synthetic_dir)
+    paths = shapes_dataset_paths(synthetic_dir)
     text = cfg.model.text
     # A pretrained text encoder brings its own tokenizer (its vocabulary indexes the embedding)
     tokenizer = text.tokenizer_path or text.pretrained_path or str(paths["tokenizer"])
-    data = dataclasses.replace(cfg.data, train_path=str(paths["train"]), eval_path=str(paths["eval"]))
+    data = dataclasses.replace(cfg.data, train_path=str(paths["train"]), eval_path=str(paths["eval"]),
+                               synthetic_dir=str(synthetic_dir))
     if zeroshot:
-        bench = shapes_benchmark_path(cfg.data.synthetic_dir)
+        bench = shapes_benchmark_path(synthetic_dir)
         data = dataclasses.replace(data, zeroshot_path=str(bench), zeroshot_classes=str(bench / "classes.txt"))
     return dataclasses.replace(
         cfg, data=data, model=dataclasses.replace(cfg.model, text=dataclasses.replace(text, tokenizer_path=tokenizer)))
