@@ -27,7 +27,7 @@ from pathlib import Path
 from brivl_ds.bench import cores, cpu_model
 
 REPO = Path(__file__).resolve().parents[2]
-METRICS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "zeroshot_acc1")
+METRICS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10", "zeroshot_acc1")
 
 
 def run_name(mode: str, batch: int, mask: bool, seed: int) -> str:
