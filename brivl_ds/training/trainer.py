@@ -9,6 +9,7 @@ each under the watchdog's phase so a stalled rank is named.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -150,15 +151,16 @@ class Trainer:
     def _set_exact_tau_init(self) -> None:
         """The fp32 master of log(tau) starts as the bf16 parameter it was made from (log 0.07 -> tau 0.0702):
         set it to the configured value exactly. A resumed run then loads its own."""
-        if self.dtype == torch.float32:
-            return
-        import math
-
-        set_fp32_master(self.model.log_tau, torch.tensor([math.log(self.cfg.moco.tau_init)]))
+        if self.dtype != torch.float32 and self.model.log_tau.requires_grad:
+            set_fp32_master(self.model.log_tau, torch.tensor([math.log(self.cfg.moco.tau_init)]))
 
     def _refresh_tau_master(self) -> None:
-        """In low-precision runs, give the forward the fp32 master of log(tau) (a small collective under ZeRO-3)."""
+        """In low-precision runs, give the forward the fp32 master of log(tau) (a small collective under ZeRO-3);
+        a fixed temperature (moco.learn_tau=false) has no master: its configured value, exactly."""
         if self.dtype == torch.float32:
+            return
+        if not self.model.log_tau.requires_grad:
+            self.model.set_log_tau_master(torch.tensor([math.log(self.cfg.moco.tau_init)]))
             return
         from deepspeed.utils import safe_get_full_fp32_param
 
