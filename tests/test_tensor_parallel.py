@@ -329,7 +329,8 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
         torch.testing.assert_close(embeddings[1][modality], embeddings[0][modality], rtol=1e-4, atol=1e-5)
     # Zero-shot with the towers split over TP ranks: prompts and pictures sharded over the data-parallel groups, TP
     # ranks encoding the same rows together. TP=2's accuracy is TP=1's and the zero-shot command's on TP=2's
-    # export; no decision is within 1e-5 of a tie (the runs' weights agree to 1e-5, their scores far closer).
+    # export. Only a picture whose two best classes are within 1e-5 (a near-tie: the runs' weights agree to 1e-5)
+    # may be decided differently, so the accuracies may differ by at most that many pictures.
     import functools
 
     import brivl_ds
@@ -345,9 +346,11 @@ def test_tp2_dp2_matches_tp1_dp2_step_for_step_and_resumes_exactly(shapes_data, 
     weights_zs = class_embeddings(functools.partial(embed_texts_batched, model), classes, list(ZH_TEMPLATES))
     scores = embed_image_sources(model, read_image_folder(bench, classes).images)[0].double() @ weights_zs.double().t()
     best_two = scores.topk(2).values
-    assert float((best_two[:, 0] - best_two[:, 1]).min()) > 1e-5
-    assert zeroshot_results[0] == zeroshot_results[1] == {"zeroshot_acc1": report["metrics"]["acc1"],
-                                                          "zeroshot_n": 48.0}
+    near_ties = int(((best_two[:, 0] - best_two[:, 1]) <= 1e-5).sum())
+    assert near_ties <= 12, near_ties  # most decisions are clear, else the comparison below would say little
+    for result in zeroshot_results:
+        assert result["zeroshot_n"] == 48.0
+        assert abs(result["zeroshot_acc1"] - report["metrics"]["acc1"]) * 48 <= near_ties + 1e-9, (result, report)
 
     # the eval command consolidates the TP shards (both data-parallel and tensor-parallel) into the whole model
     from brivl_ds.eval import main as eval_command  # its main, in this process (a process start saved)
