@@ -1,6 +1,8 @@
 """The negatives study's report (brivl_ds/bench/negatives.py): cells averaged over seeds with their spread, every
 metric in percent, a missing metric said to be missing, and the loss plot written. The runs it reports come from
 the trainer (the README's table); here their records are given, so that the report's arithmetic can be checked."""
+from pathlib import Path
+
 import pytest
 
 from brivl_ds.bench.negatives import plot, run_name, summarise, table
@@ -28,3 +30,32 @@ def test_cells_average_their_seeds_and_show_the_spread(tmp_path):
     assert run_name("queue+batch", 16, True, 7) == "queue-batch_b16_mask_s7"
     plot(runs, tmp_path / "curves.png", ranks=2)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_label_caption_data_keeps_every_row_and_captions_it_by_its_class(tmp_path):
+    """`--captions label`: the same pictures, ids and boxes as the shapes-hard training rows, each captioned by
+    its own class label, so that captions repeat; the overrides point at the files the trainer needs."""
+    from brivl_ds.bench.negatives import label_caption_data
+    from brivl_ds.config import build_config
+    from brivl_ds.data.shards import read_table
+    from brivl_ds.data.synthetic import HARD_CLASSES
+
+    overrides = label_caption_data(tmp_path / "study", tmp_path / "hard", n_train=60, n_eval=8, image_size=64)
+    settings = dict(o.split("=", 1) for o in overrides)
+    source = read_table(tmp_path / "hard" / "train").to_pylist()
+    derived = read_table(settings["data.train_path"]).to_pylist()
+    assert [r["id"] for r in derived] == [r["id"] for r in source]
+    for new, old in zip(derived, source):
+        label = next(t["text"] for t in old["texts"] if t["kind"] == "label")
+        assert new["text"] == label != old["text"] and label in HARD_CLASSES
+        assert new["image"] == old["image"] and new["boxes"] == old["boxes"]
+    assert len({r["text"] for r in derived}) < len(derived)  # 60 rows over at most 88 labels: captions repeat
+    cfg = build_config("tiny", overrides)  # every override is a real setting
+    assert cfg.data.zeroshot_templates == "none"
+    for key in ("data.eval_path", "model.text.tokenizer_path", "data.zeroshot_path", "data.zeroshot_classes"):
+        assert Path(settings[key]).exists(), key
+    assert len(Path(settings["data.zeroshot_classes"]).read_text().split()) == len(HARD_CLASSES)
+    # made once: a second call reuses the shards (a rewrite would change their modification time)
+    stamp = (Path(settings["data.train_path"]) / "manifest.json").stat().st_mtime_ns
+    assert label_caption_data(tmp_path / "study", tmp_path / "hard", 60, 8, 64) == overrides
+    assert (Path(settings["data.train_path"]) / "manifest.json").stat().st_mtime_ns == stamp
