@@ -32,30 +32,39 @@ def test_cells_average_their_seeds_and_show_the_spread(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
-def test_label_caption_data_keeps_every_row_and_captions_it_by_its_class(tmp_path):
-    """`--captions label`: the same pictures, ids and boxes as the shapes-hard training rows, each captioned by
-    its own class label, so that captions repeat; the overrides point at the files the trainer needs."""
-    from brivl_ds.bench.negatives import label_caption_data
+def test_label_caption_data_keeps_every_row_and_captions_it_by_its_label(tmp_path):
+    """`--captions label`: the same pictures, ids and boxes as the built-in training rows, each captioned by its
+    background and leftmost object's colour, so that captions repeat; the held-out pictures sorted into one folder
+    per label; the overrides point at what the trainer needs."""
+    from brivl_ds.bench.negatives import LABEL_CLASSES, caption_label, label_caption_data
     from brivl_ds.config import build_config
     from brivl_ds.data.shards import read_table
-    from brivl_ds.data.synthetic import HARD_CLASSES
 
-    overrides = label_caption_data(tmp_path / "study", tmp_path / "hard", n_train=60, n_eval=8, image_size=64)
+    assert caption_label("灰色背景上有一个大的红色圆形和一个小的蓝色三角形") == "灰色背景上有红色"
+    assert caption_label("米色背景上有一个小的青色十字形") == "米色背景上有青色"
+    with pytest.raises(ValueError, match="not a built-in"):
+        caption_label("灰底上有红圆环")  # a shapes-hard caption
+    overrides = label_caption_data(tmp_path / "study", tmp_path / "shapes", n_train=60, n_eval=12, image_size=64)
     settings = dict(o.split("=", 1) for o in overrides)
-    source = read_table(tmp_path / "hard" / "train").to_pylist()
+    source = read_table(tmp_path / "shapes" / "train").to_pylist()
     derived = read_table(settings["data.train_path"]).to_pylist()
     assert [r["id"] for r in derived] == [r["id"] for r in source]
     for new, old in zip(derived, source):
-        label = next(t["text"] for t in old["texts"] if t["kind"] == "label")
-        assert new["text"] == label != old["text"] and label in HARD_CLASSES
+        background, first = old["text"].split("背景上有一个", 1)
+        colour = first[2:4]  # "大的红色圆形..." -> "红色"
+        assert new["text"] == f"{background}背景上有{colour}" != old["text"] and new["text"] in LABEL_CLASSES
         assert new["image"] == old["image"] and new["boxes"] == old["boxes"]
-    assert len({r["text"] for r in derived}) < len(derived)  # 60 rows over at most 88 labels: captions repeat
+    assert len({r["text"] for r in derived}) < len(derived)  # 60 rows over at most 32 labels: captions repeat
     cfg = build_config("tiny", overrides)  # every override is a real setting
     assert cfg.data.zeroshot_templates == "none"
-    for key in ("data.eval_path", "model.text.tokenizer_path", "data.zeroshot_path", "data.zeroshot_classes"):
+    for key in ("data.eval_path", "model.text.tokenizer_path"):
         assert Path(settings[key]).exists(), key
-    assert len(Path(settings["data.zeroshot_classes"]).read_text().split()) == len(HARD_CLASSES)
+    bench = Path(settings["data.zeroshot_path"])
+    assert Path(settings["data.zeroshot_classes"]).read_text().split() == LABEL_CLASSES
+    held_out = read_table(tmp_path / "shapes" / "eval").to_pylist()
+    filed = {p.stem: p.parent.name for p in bench.glob("*/*.jpg")}
+    assert filed == {r["id"]: caption_label(r["text"]) for r in held_out}
     # made once: a second call reuses the shards (a rewrite would change their modification time)
     stamp = (Path(settings["data.train_path"]) / "manifest.json").stat().st_mtime_ns
-    assert label_caption_data(tmp_path / "study", tmp_path / "hard", 60, 8, 64) == overrides
+    assert label_caption_data(tmp_path / "study", tmp_path / "shapes", 60, 12, 64) == overrides
     assert (Path(settings["data.train_path"]) / "manifest.json").stat().st_mtime_ns == stamp

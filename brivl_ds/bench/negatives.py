@@ -12,11 +12,11 @@ curve), table.md (means over seeds, the spread where there are several) and curv
 times are in results.json only: on a shared machine they say little, and `batch` skips the momentum forward.
 It prints what it measured, with the machine, and asserts nothing.
 
-`--captions label` measures false negatives: it trains on `shapes-hard` pictures captioned by their zero-shot class
-alone (the large object's colour and kind, e.g. "蓝方块"), so 6,000 rows share 88 captions and a 1,024-key queue
-holds about a dozen copies of each query's own caption. That is what a crawl with boilerplate captions looks like
-to the loss. Its score is zero-shot top-1 on the held-out `shapes-hard` pictures with the bare class names as
-prompts (the captions' own form); recall over the held-out full captions is printed but means little there.
+`--captions label` measures false negatives: it trains on the built-in pictures captioned by a coarse label alone,
+their background and the colour of their leftmost object (e.g. "灰色背景上有红色"), so 6,000 rows share 32 captions
+and a 1,024-key queue holds about 32 copies of each query's own caption: what a crawl with boilerplate captions looks
+like to the loss. Its score is zero-shot top-1 over the 32 labels on the held-out pictures, the labels themselves
+as prompts; recall over the held-out full captions is printed but means little there.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 from brivl_ds.bench import cores, cpu_model
+from brivl_ds.data.synthetic import BACKGROUNDS, COLOURS, default_synthetic_dir
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10", "zeroshot_acc1")
@@ -41,28 +43,47 @@ def run_name(mode: str, batch: int, mask: bool, seed: int) -> str:
     return f"{mode.replace('+', '-')}_b{batch}_{'mask' if mask else 'nomask'}_s{seed}"
 
 
-def label_caption_data(out: Path, hard_dir: Path, n_train: int, n_eval: int, image_size: int) -> list[str]:
-    """The `--captions label` data set: the `shapes-hard` training rows (generated in HARD_DIR when missing) with
-    each caption replaced by the row's class label, written once to OUT/train-label-captions; returns the
-    overrides that train on it, evaluate on the held-out `shapes-hard` rows and classify them zero-shot."""
+LABEL_CLASSES = [background + "背景上有" + colour for background in BACKGROUNDS for colour in COLOURS]
+"""`--captions label`: a picture's background and the colour of its leftmost object, e.g. 灰色背景上有红色 (32)."""
+
+
+def caption_label(caption: str) -> str:
+    """灰色背景上有一个大的红色圆形和... -> 灰色背景上有红色 (the built-in captions list objects left to right)."""
+    match = re.match(r"(.+?)背景上有一个[大小]的(.+?色)", caption)
+    if match is None or match[1] not in BACKGROUNDS or match[2] not in COLOURS:
+        raise ValueError(f"not a built-in `shapes` caption: {caption!r}")
+    return f"{match[1]}背景上有{match[2]}"
+
+
+def label_caption_data(out: Path, shapes_dir: Path, n_train: int, n_eval: int, image_size: int) -> list[str]:
+    """The `--captions label` data: the built-in training rows (generated in SHAPES_DIR when missing), each
+    captioned by its label (caption_label), written once to OUT/train-label-captions, and the held-out pictures
+    sorted by label into OUT/zeroshot-label/<label>/ for zero-shot; returns the overrides that train on them."""
     import dataclasses
 
     from brivl_ds.data.shards import Row, read_table, write_shards
     from brivl_ds.data.synthetic import ensure_shapes_dataset
-    from brivl_ds.training.setup import ensure_shapes_benchmark
 
-    paths = ensure_shapes_dataset(hard_dir, n_train, n_eval, image_size, seed=0, variant="shapes-hard")
-    bench = ensure_shapes_benchmark(hard_dir)
-    train = out / "train-label-captions"
+    paths = ensure_shapes_dataset(shapes_dir, n_train, n_eval, image_size, seed=0)
+    train, bench = out / "train-label-captions", out / "zeroshot-label"
     if not (train / "manifest.json").exists():
         fields = {f.name for f in dataclasses.fields(Row)}
         rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in read_table(paths["train"]).to_pylist()]
         for row in rows:
-            row.text = next(t["text"] for t in row.texts if t["kind"] == "label")
+            row.text = caption_label(row.text)
         partial = train.with_name(train.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         write_shards(rows, partial, rows_per_shard=len(rows) // 4 + 1)
         partial.rename(train)
+    if not (bench / "classes.txt").exists():
+        partial = bench.with_name(bench.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        for row in read_table(paths["eval"], columns=["id", "image", "text"]).to_pylist():
+            folder = partial / caption_label(row["text"])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{row['id']}.jpg").write_bytes(row["image"])  # the generator stores JPEG
+        (partial / "classes.txt").write_text("".join(f"{c}\n" for c in LABEL_CLASSES), encoding="utf-8")
+        partial.rename(bench)
     return [f"data.train_path={train}", f"data.eval_path={paths['eval']}",
             f"model.text.tokenizer_path={paths['tokenizer']}", f"data.zeroshot_path={bench}",
             f"data.zeroshot_classes={bench / 'classes.txt'}", "data.zeroshot_templates=none"]
@@ -160,12 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data, data_sets = "built-in shapes data", []
     if args.captions == "label":
-        data = "shapes-hard pictures captioned by their class label alone, zero-shot with bare class names"
+        data = ("the built-in pictures captioned by their background and leftmost object's colour alone (32 "
+                "captions), zero-shot with those captions as class names")
         from brivl_ds.config import get_preset
-        from brivl_ds.data.synthetic import default_synthetic_dir
 
         tiny = get_preset("tiny")
-        data_sets = label_caption_data(args.out, REPO / default_synthetic_dir("shapes-hard"), tiny.data.synthetic_train,
+        data_sets = label_caption_data(args.out, REPO / default_synthetic_dir("shapes"), tiny.data.synthetic_train,
                                        tiny.data.synthetic_eval, tiny.model.image.image_size)
     runs = []
     for batch, mask, seed, mode in itertools.product(args.batch_sizes, args.mask, args.seeds, args.modes):
