@@ -18,15 +18,20 @@ from brivl_ds.inference.exported import DTYPES, save_exported
 
 def export(checkpoint_dir: Path, out: Path, tag: str | None = None, dtype: str = "fp32") -> Path:
     from brivl_ds.checkpointing.files import latest_tag
+    from brivl_ds.checkpointing.store import step_of
     from brivl_ds.checkpointing.trained import load_moco_model
 
     checkpoint_dir = Path(checkpoint_dir)
     moco, tokenizer, cfg = load_moco_model(checkpoint_dir, tag)
     tag = tag or latest_tag(checkpoint_dir)
+    # The run's eval.json holds its last evaluation: it describes this checkpoint only if made at the same step.
     run_eval = checkpoint_dir.parent / "eval.json"
+    evaluation = json.loads(run_eval.read_text()) if run_eval.exists() else None
+    if evaluation is not None and evaluation.get("step") != step_of(tag):
+        evaluation = None
     return save_exported(moco.online, tokenizer, cfg, out, dtype, provenance={
         "checkpoint": str(checkpoint_dir.resolve()), "tag": tag, "tau": float(moco.tau().detach()),
-        "eval": json.loads(run_eval.read_text()) if run_eval.exists() else None})
+        "eval": evaluation})
 
 
 def main(argv: list[str] | None = None) -> Path:

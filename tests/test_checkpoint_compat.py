@@ -66,3 +66,17 @@ def test_the_fixture_is_what_its_manifest_says():
     from brivl_ds.checkpointing.store import CheckpointStore
 
     assert CheckpointStore(FIXTURE / "checkpoints").verify("step2") == []
+
+
+def test_export_carries_the_runs_evaluation_only_for_its_step(tmp_path, monkeypatch):
+    """export.json's "eval" is the run's eval.json when that evaluation was made at the exported checkpoint's step;
+    an evaluation of another step would describe other weights, so none is recorded."""
+    from brivl_ds.export import export
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE / "checkpoints", run / "checkpoints")
+    for step, expected in ((2, {"step": 2, "i2t_r1": 0.25}), (3, None)):
+        (run / "eval.json").write_text(json.dumps({"step": step, "i2t_r1": 0.25}))
+        out = export(run / "checkpoints", tmp_path / f"exported{step}", tag="step2")
+        assert json.loads((out / "export.json").read_text())["eval"] == expected
