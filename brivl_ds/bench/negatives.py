@@ -36,7 +36,7 @@ from brivl_ds.bench import cores, cpu_model
 from brivl_ds.data.synthetic import BACKGROUNDS, COLOURS, default_synthetic_dir
 
 REPO = Path(__file__).resolve().parents[2]
-METRICS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10", "zeroshot_acc1")
+METRICS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10", "zeroshot_acc1", "zeroshot_acc5")
 
 
 def run_name(mode: str, batch: int, mask: bool, seed: int) -> str:
