@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = f"{cpu_model()}, {cores()}; {args.ranks} ranks (deepspeed launcher, ZeRO-3, fp32)"
     rows = summarise(runs)
     command = "python -m brivl_ds.bench.negatives " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = (f"{table(rows, args.ranks)}\n\nHeld-out recall and zero-shot top-1 and top-5 in percent after {args.steps} steps "
-          f"(`tiny`, {'; '.join([data, *args.extra])}); measured on {machine} by `{command}`.\n")
+    md = (f"{table(rows, args.ranks)}\n\nHeld-out recall and zero-shot top-1 and top-5 in percent after "
+          f"{args.steps} steps (`tiny`, {'; '.join([data, *args.extra])}); measured on {machine} by `{command}`.\n")
     (args.out / "table.md").write_text(md)
     (args.out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "runs": runs},
                                                       indent=1))
