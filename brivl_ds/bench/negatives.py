@@ -174,10 +174,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--captions", choices=["full", "label"], default="full",
-                        help="label: train on shapes-hard captioned by class label only (duplicate-heavy)")
+                        help="label: the built-in pictures captioned by background and leftmost colour only, 32 "
+                        "captions (duplicate-heavy; scored by zero-shot)")
     parser.add_argument("--set", action="append", default=[], dest="extra",
                         help="more overrides for every run, e.g. data.synthetic_variant=shapes-hard")
     args = parser.parse_args(argv)
+    if args.captions == "label" and any(e.startswith(("data.synthetic", "data.train_path")) for e in args.extra):
+        parser.error("--captions label trains on its own data set (made from the classic built-in data); "
+                     "leave data.synthetic_* and data.train_path unset")
     args.out.mkdir(parents=True, exist_ok=True)
     data, data_sets = "built-in shapes data", []
     if args.captions == "label":
